@@ -1,0 +1,1 @@
+"""Analysis: attention similarity, interventions, heatmaps."""

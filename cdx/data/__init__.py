@@ -1,0 +1,1 @@
+"""Data: LLaVA sources, chat templates and labels, images, grain pipelines, synthetic world."""

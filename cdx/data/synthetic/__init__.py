@@ -1,0 +1,1 @@
+"""Synthetic compositional world: procedurally rendered scenes with captions and Q&A."""

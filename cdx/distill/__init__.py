@@ -1,0 +1,1 @@
+"""The CompoDistill objective: LM + KD + visual-attention alignment, layer matching, TAF."""

@@ -1,0 +1,1 @@
+"""Evaluation: KV-cached generation, compositional-reasoning and VQA scorers."""

@@ -1,0 +1,1 @@
+"""Training: parameter selection, LoRA, optimizer, the jitted step, the loop."""
