@@ -1,0 +1,94 @@
+"""The stage graph: which stages a stage needs, and in what order to run them.
+
+Each stage writes `<workdir>/<name>/` and, when finished, `<workdir>/<name>/DONE`.
+A stage's inputs are named in its config (`inputs.init`, `inputs.teacher`); an input is
+satisfied by a finished upstream stage in the same workdir or by an explicit weights path
+(`model.hf_path` / `teacher.hf_path`). Missing inputs are built first when
+`build_missing` is set (the default for `tiny`), otherwise the run stops with the exact
+command that makes them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import ml_collections
+
+# Folder name -> (config file stem, role).
+STAGES = {
+    "pretrain": ("pretrain", "teacher"),
+    "finetune": ("finetune", "teacher"),
+    "pretrain_student": ("pretrain", "student"),
+    "finetune_student": ("finetune", "student"),
+    "dpt": ("dpt", "teacher"),
+    "dft": ("dft", "teacher"),
+    "sft": ("sft", "teacher"),
+}
+
+
+def config_spec(name: str, preset: str, config_dir: str = "configs") -> str:
+  """The `--config=` value that builds stage `name` with `preset`."""
+  stem, role = STAGES[name]
+  arg = preset + (",role=student" if role == "student" else "")
+  return f"{os.path.join(config_dir, stem)}.py:{arg}"
+
+
+def is_done(workdir: str, name: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, name, "DONE"))
+
+
+def needed_inputs(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Upstream stages this config reads, minus those replaced by explicit weight paths."""
+  needed = []
+  if cfg.inputs.teacher and not cfg.teacher.hf_path:
+    needed.append(cfg.inputs.teacher)
+  if cfg.inputs.init:  # The init stage carries trained parts (e.g. the post-connector).
+    needed.append(cfg.inputs.init)
+  return needed
+
+
+def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
+         build_missing: bool | None = None) -> list[ml_collections.ConfigDict]:
+  """Configs to run, upstream first, ending with `cfg` (finished stages are left out).
+
+  `load_config(spec) -> ConfigDict` builds an upstream stage's config (the launcher passes
+  one that applies the `--upstream.*` overrides). Raises `MissingInputError` when an input
+  is missing and may not be built.
+  """
+  build = cfg.build_missing if build_missing is None else build_missing
+  order: list[ml_collections.ConfigDict] = []
+  seen: set[str] = set()
+
+  def visit(c, chain: Sequence[str]):
+    for name in needed_inputs(c):
+      if name in chain:
+        raise ValueError(f"Stage graph has a cycle: {' -> '.join([*chain, name])}")
+      if name in seen or is_done(workdir, name):
+        continue
+      if not build:
+        raise MissingInputError(c, name, workdir)
+      up = load_config(config_spec(name, cfg.preset))
+      visit(up, [*chain, name])
+      seen.add(name)
+      order.append(up)
+
+  visit(cfg, [cfg.name])
+  if not is_done(workdir, cfg.name):
+    order.append(cfg)
+  return order
+
+
+class MissingInputError(RuntimeError):
+  """An input stage has no finished output and the run may not build it."""
+
+  def __init__(self, cfg, name: str, workdir: str):
+    self.stage, self.missing = cfg.name, name
+    cmd = f"python launch/run.py --config={config_spec(name, cfg.preset)} --workdir={workdir}"
+    field = "teacher.hf_path" if name == cfg.inputs.teacher else None
+    alt = (f"\n  or point --config.{field}=DIR at an HF LLaVA dir of the teacher," if field
+           else "")
+    super().__init__(
+        f"Stage '{cfg.name}' needs the finished stage '{name}' "
+        f"({os.path.join(workdir, name, 'DONE')} does not exist). Make it with:\n"
+        f"  {cmd} [your overrides for it]{alt}\n"
+        f"  or add --build_missing to build missing stages before '{cfg.name}'.")

@@ -1,0 +1,201 @@
+"""The jitted, mesh-sharded train step: LM + KD + visual-attention alignment (SPEC §5).
+
+Data flow of one step (DESIGN §1), every arrow a pure function of pytrees:
+
+  pixels ─► vision tower (once) ─► adapter (once; the teacher's for TAF) ─┬─► teacher decoder
+                                                                          │   (no grad; band
+                                                                          │   attention kept)
+                                                  student post-connector ─┴─► student decoder
+  hidden states of both ─► chunked LM head: CE + KD per chunk, no [B, L, V] tensor
+  attention summaries [K, B, Nv, Nv] of both ─► attention-alignment loss
+
+State (what is checkpointed; only trainable leaves have optimizer state):
+  {"step": int32[], "params": trainable partition of the student tree,
+   "lora": LoRA factors or {}, "opt": optax state, "rng": key, "nonfinite": int32[]}
+The frozen rest of the student ("frozen") and the teacher ("teacher", without the vision
+tower and — for TAF — without the adapter, which the student tree already holds) are
+separate arguments: never donated, never differentiated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cdx.distill import losses
+from cdx.models import mllm
+from cdx.train import lora as lora_lib
+from cdx.train import params as params_lib
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Static description of the loss (hashable: part of the compiled step)."""
+  lm: float = 1.0
+  kd: float = 0.0
+  attn: float = 0.0
+  kd_kind: str = "forward"
+  kd_temperature: float = 1.0
+  kd_beta: float = 0.5
+  kd_mask: str = "shifted"
+  attn_variant: str = "official"
+  chunk_size: int = 256
+  student_layers: tuple[int, ...] = ()
+  teacher_groups: tuple[tuple[int, ...], ...] = ()
+  taf: bool = True
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.kd > 0 or self.attn > 0
+
+  @property
+  def teacher_layers(self) -> tuple[int, ...]:
+    """The teacher layers whose attention is captured, sorted, each once."""
+    return tuple(sorted({l for g in self.teacher_groups for l in g}))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  rank: int
+  alpha: float
+
+
+def init_state(trainable: PyTree, lora: PyTree, tx: optax.GradientTransformation,
+               rng: jax.Array) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": trainable, "lora": lora,
+          "opt": tx.init((trainable, lora)), "rng": rng,
+          "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def _student_params(trainable, lora, frozen, lora_spec):
+  params = params_lib.merge(trainable, frozen)
+  if lora_spec is not None and lora:
+    params = lora_lib.apply_lora(params, lora, lora_spec.alpha, lora_spec.rank)
+  return params
+
+
+def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
+                 obj: Objective, params: PyTree, teacher: PyTree | None,
+                 batch: dict) -> tuple[jax.Array, dict]:
+  """Total loss and its terms for one (micro-)batch. `params` is the full student tree."""
+  ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+  nv = mllm.num_visual_tokens(student_cfg)
+  vis_pos, has_image = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
+  has_image = jnp.logical_and(has_image, batch["has_image"])
+
+  # One vision forward and one adapter forward serve both models (frozen: no grad needed).
+  feats = jax.lax.stop_gradient(mllm.encode_images(student_cfg, params, batch["pixel_values"]))
+  adapted = mllm.adapt(student_cfg, params, feats)
+  s_img = mllm.post(student_cfg, params, adapted)
+  s_emb = mllm.embed(student_cfg, params, ids, s_img)
+  s_hidden, s_inter = mllm.decode(student_cfg, params, s_emb, mask,
+                                  attn_layers=obj.student_layers if obj.attn > 0 else (),
+                                  visual_pos=vis_pos)
+
+  t_hidden = t_head = None
+  metrics = {}
+  if obj.uses_teacher:
+    t_params = teacher
+    if obj.taf:  # The TAF student's adapter *is* the teacher's: reuse its output.
+      t_img = jax.lax.stop_gradient(adapted)
+    else:
+      t_img = mllm.adapt(teacher_cfg, t_params, feats)
+    t_emb = mllm.embed(teacher_cfg, t_params, ids, t_img)
+    t_hidden, t_inter = mllm.decode(teacher_cfg, t_params, t_emb, mask,
+                                    attn_layers=obj.teacher_layers if obj.attn > 0 else (),
+                                    visual_pos=vis_pos)
+    t_hidden = jax.lax.stop_gradient(t_hidden)
+    t_head = jax.lax.stop_gradient(mllm.lm_head_kernel(teacher_cfg, t_params))
+
+  sums = losses.lm_kd_chunked(
+      s_hidden, mllm.lm_head_kernel(student_cfg, params),
+      t_hidden if obj.kd > 0 else None, t_head if obj.kd > 0 else None, labels,
+      chunk_size=obj.chunk_size, temperature=obj.kd_temperature, kind=obj.kd_kind,
+      beta=obj.kd_beta, mask=obj.kd_mask)
+  lm_loss = sums["lm_sum"] / jnp.maximum(sums["lm_count"], 1)
+  total = obj.lm * lm_loss
+  metrics["lm"] = lm_loss
+  metrics["tokens"] = sums["lm_count"]
+  if obj.kd > 0:
+    kd_loss = sums["kd_sum"] / jnp.maximum(sums["kd_count"], 1)
+    total = total + obj.kd * kd_loss
+    metrics["kd"] = kd_loss
+  if obj.attn > 0:
+    pos = {l: i for i, l in enumerate(obj.teacher_layers)}
+    groups = tuple(tuple(pos[l] for l in g) for g in obj.teacher_groups)
+    t_attn = losses.teacher_group_average(jax.lax.stop_gradient(t_inter["visual_attn"]), groups)
+    s_attn = s_inter["visual_attn"]
+    attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
+                                                variant=obj.attn_variant)
+    total = total + obj.attn * attn_loss
+    metrics["attn"] = attn_loss
+    metrics["attn_cos"] = jax.lax.stop_gradient(
+        losses.attention_cosine(s_attn, t_attn, has_image=has_image))
+  metrics["loss"] = total
+  return total, metrics
+
+
+def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
+                    obj: Objective, tx: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array],
+                    lora_spec: LoraSpec | None = None, micro_batches: int = 1) -> Callable:
+  """Returns `train_step(state, frozen, teacher, batch) -> (state, metrics)` (not jitted)."""
+
+  def loss_fn(diff, frozen, teacher, batch):
+    trainable, lora = diff
+    params = _student_params(trainable, lora, frozen, lora_spec)
+    return compute_loss(student_cfg, teacher_cfg, obj, params, teacher, batch)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(diff, frozen, teacher, batch):
+    if micro_batches == 1:
+      (_, metrics), grads = grad_fn(diff, frozen, teacher, batch)
+      return grads, metrics
+    # Row m*k + j of the batch goes to micro-batch j: keeps each device's rows local.
+    def split(x):
+      return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+    micro = jax.tree.map(split, batch)
+
+    def body(acc, mb):
+      (_, metrics), grads = grad_fn(diff, frozen, teacher, mb)
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(diff, frozen, teacher, jax.tree.map(lambda x: x[0], micro))))
+    zeros = (zeros[1], zeros[0][1])
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    scale = 1.0 / micro_batches
+    metrics = {k: (v if k == "tokens" else v * scale) for k, v in metrics.items()}
+    return jax.tree.map(lambda g: g * scale, grads), metrics
+
+  def train_step(state, frozen, teacher, batch):
+    diff = (state["params"], state["lora"])
+    grads, metrics = accumulate(diff, frozen, teacher, batch)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt"], diff)
+    new_diff = optax.apply_updates(diff, updates)
+    # A non-finite step changes nothing but the counter (SPEC §7 runs in fp16; we skip).
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_diff = keep(new_diff, diff)
+    new_opt = keep(new_opt, state["opt"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": new_diff[0], "lora": new_diff[1], "opt": new_opt,
+        "rng": jax.random.fold_in(state["rng"], state["step"]),
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+    }
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["param_norm"] = optax.global_norm(new_diff)
+    metrics["lr"] = schedule(state["step"])
+    metrics["skipped"] = (~finite).astype(jnp.int32)
+    return new_state, metrics
+
+  return train_step
