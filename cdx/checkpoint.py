@@ -7,7 +7,9 @@ files in it:
   sub-directory per saved step with three items:
     ``state``  pytree of jax/numpy arrays and Python scalars (trainable params, optimizer
                state, step, rng; typed PRNG keys are fine), any dtype, possibly sharded;
-    ``data``   the data iterator's JSON-able state (dict, or None);
+    ``data``   the data iterator's JSON-able state (dict, or None) of every process:
+               {"process_states": [state of process 0, state of process 1, ...]}, as
+               each host reads its own shard of the data;
     ``meta``   small JSON: config dict, stage name, ...
   Orbax writes a step into a temporary directory and renames it when complete, so a save
   killed part-way leaves the previous steps intact and the partial one is never listed
@@ -31,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 MANIFEST_FILE = "manifest.json"
@@ -71,6 +74,19 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def _gather_per_process(value: Any) -> list[Any]:
+  """[value of process 0, value of process 1, ...] on every process (JSON values)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(raw.size)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everyone, lengths)]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -142,7 +158,8 @@ class StageCheckpointer:
 
     A step already saved is not saved again (returns False).
 
-    Collective: every process calls it with its shards of `state`.
+    Collective: every process calls it with its shards of `state` and its own
+    `data_state` (gathered so that each process gets its own back on restore).
     """
     # The interval is decided here, not by orbax, whose policy also saves the first step
     # it sees (an expensive and useless save right after a start or resume).
@@ -155,7 +172,7 @@ class StageCheckpointer:
     _check_json("meta", meta)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
+        data=ocp.args.JsonSave({"process_states": _gather_per_process(data_state)}),
         meta=ocp.args.JsonSave(meta),
     )
     return bool(self._manager.save(int(step), args=args, force=True))
@@ -171,6 +188,9 @@ class StageCheckpointer:
   def restore(self, step: int | None = None, abstract_state: Any = None
               ) -> tuple[Any, Any, Any]:
     """Returns (state, data_state, meta) of `step` (default: the latest).
+
+    `data_state` is this process's own; restoring with another number of processes
+    than saved is an error for it (the data shards differ), unless it was None.
 
     `abstract_state`: a pytree like the saved state whose leaves are
     `jax.ShapeDtypeStruct`s (with `sharding` to place the restored arrays) or arrays
@@ -192,7 +212,18 @@ class StageCheckpointer:
         meta=ocp.args.JsonRestore(),
     )
     out = self._manager.restore(int(step), args=args)
-    return out["state"], out["data"], out["meta"]
+    return out["state"], self._own_data_state(out["data"], step), out["meta"]
+
+  def _own_data_state(self, saved: Mapping[str, Any], step: int) -> Any:
+    states = saved["process_states"]
+    if all(x is None for x in states):
+      return None
+    if len(states) != jax.process_count():
+      raise ValueError(
+          f"step {step} in {self.directory} holds data iterator states of {len(states)} "
+          f"processes but {jax.process_count()} are running; restart the data pipeline "
+          "from scratch or run with the saved number of processes")
+    return states[jax.process_index()]
 
   def wait(self) -> None:
     """Blocks until pending async saves are written and committed."""

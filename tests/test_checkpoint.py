@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -232,3 +233,64 @@ def test_done_marker_is_atomic(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="DONE"):
     checkpoint.mark_done(stage, {"bad": object()})
   assert checkpoint.read_done(stage) == {"final_step": 10}  # old marker untouched
+
+
+_WORKER = r"""
+import os, sys
+process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, {root!r})
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{{port}}", num_processes=2, process_id=process_id)
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cdx import checkpoint
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+w = jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data", "model")),
+                                 lambda idx: x[idx])
+with checkpoint.StageCheckpointer(directory) as ckpt:  # collective: both processes save
+  ckpt.save(3, {{"w": w}}, data_state={{"pos": 10 * process_id + 1}}, meta={{"stage": "t"}})
+checkpoint.mark_done(os.path.dirname(directory), {{"final_step": 3}})
+assert checkpoint.is_done(os.path.dirname(directory))
+target = NamedSharding(mesh, P("model", "data"))
+with checkpoint.StageCheckpointer(directory) as ckpt:
+  got, data_state, meta = ckpt.restore(
+      abstract_state={{"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target)}})
+assert got["w"].sharding == target
+for shard in got["w"].addressable_shards:
+  np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index])
+assert data_state == {{"pos": 10 * process_id + 1}}, data_state
+assert meta == {{"stage": "t"}}
+print("OK", flush=True)
+"""
+
+
+def test_multi_process_save_restore(tmp_path):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  directory = str(tmp_path / "stage" / "ckpt")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _WORKER.format(root=ROOT), str(i), str(port), directory],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=120)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0 and out.rstrip().endswith("OK"), out[-3000:]
+  # One copy on disk, with both processes' data iterator states.
+  with checkpoint.StageCheckpointer(directory) as ckpt:
+    assert ckpt.all_steps() == [3]
+    with pytest.raises(ValueError, match="2 processes but 1"):
+      ckpt.restore(abstract_state={"w": jax.ShapeDtypeStruct(
+          (8, 16), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))})
