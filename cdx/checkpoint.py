@@ -196,7 +196,8 @@ class StageCheckpointer:
     `jax.ShapeDtypeStruct`s (with `sharding` to place the restored arrays) or arrays
     (their shape/dtype/sharding are used). It fixes the tree structure (e.g. optax
     namedtuples) and the placement; without it orbax rebuilds plain containers and uses
-    the saved shardings.
+    the saved shardings. With several devices or processes give every array leaf a
+    `sharding` (orbax refuses to guess across a changed topology).
     """
     if step is None:
       step = self.latest_step()
@@ -247,7 +248,8 @@ class StageCheckpointer:
 def save_params(path: str | os.PathLike, params: Any, overwrite: bool = False) -> None:
   """Writes a param pytree to the new directory `path` (atomically; collective).
 
-  An existing `path` is an error unless `overwrite` (which first deletes it).
+  An existing `path` is an error unless `overwrite` (which first deletes it, so only the
+  new tree's write, not the replacement, is atomic).
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:

@@ -84,6 +84,17 @@ def test_keep_prunes_and_interval(tmp_path):
       ckpt.restore(2)
 
 
+def test_async_save_survives_donation(tmp_path):
+  # The train step donates its state right after `save` returns.
+  x = jnp.arange(1 << 20, dtype=jnp.float32)
+  expected = np.asarray(x)
+  with checkpoint.StageCheckpointer(tmp_path, async_save=True) as ckpt:
+    assert ckpt.save(1, {"x": x})
+    x.delete()
+  with checkpoint.StageCheckpointer(tmp_path) as ckpt:
+    np.testing.assert_array_equal(np.asarray(ckpt.restore()[0]["x"]), expected)
+
+
 def test_restore_into_sharding(tmp_path):
   devices = np.array(jax.devices()[:8]).reshape(2, 4)
   mesh = Mesh(devices, ("data", "model"))
