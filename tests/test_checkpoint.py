@@ -304,4 +304,5 @@ def test_multi_process_save_restore(tmp_path):
     assert ckpt.all_steps() == [3]
     with pytest.raises(ValueError, match="2 processes but 1"):
       ckpt.restore(abstract_state={"w": jax.ShapeDtypeStruct(
-          (8, 16), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))})
+          (8, 16), jnp.float32,
+          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))})

@@ -47,7 +47,7 @@ def test_jsonl_format(tmp_path):
   assert list(first)[:6] == ["step", "loss", "lm", "kd", "lr", "skipped"]
   assert first["step"] == 1 and first["lm"] == 2.0 and first["kd"] == 0.5
   assert first["lr"] == 1e-3 and first["skipped"] == 3 and isinstance(first["skipped"], int)
-  assert first["tokens"] == 100 and second["tokens"] == 150
+  assert first["tokens_seen"] == 100 and second["tokens_seen"] == 150
   assert first["tokens_per_s"] > 0 and second["elapsed_s"] >= first["elapsed_s"]
   assert second["loss"] is None  # non-finite -> null: strict JSON
   assert "NaN" not in lines[1]
@@ -60,7 +60,7 @@ def test_bad_metrics_raise(tmp_path):
     with pytest.raises(ValueError, match="'kd' has shape"):
       w.log(1, {"loss": 1.0, "kd": jnp.ones(3)})
     with pytest.raises(ValueError, match="reserved"):
-      w.log(1, {"loss": 1.0, "tokens": 3})
+      w.log(1, {"loss": 1.0, "tokens_seen": 3})
   assert open(tmp_path / metrics.METRICS_FILE).read() == ""
 
 
@@ -98,20 +98,20 @@ def test_disabled_writes_nothing(tmp_path):
   with metrics.MetricsWriter(stage, enabled=False) as w:
     record = w.log(1, {"loss": 1.0}, tokens=4)
     result = w.summary(outputs={"ckpt": "x"})
-  assert record["loss"] == 1.0 and result["tokens"] == 4
+  assert record["loss"] == 1.0 and result["tokens_seen"] == 4
   assert not stage.exists()
 
 
 def test_summary(tmp_path, capsys):
   with metrics.MetricsWriter(tmp_path, total_steps=3, resume_step=1, enabled=True) as w:
     w.log(2, {"loss": 3.0, "kd": 1.0}, tokens=64)
-    w.log(3, {"loss": 2.0, "kd": 0.5}, tokens=64)
+    w.log(3, {"loss": 2.0, "kd": 0.5, "tokens": jnp.int32(40)}, tokens=64)
     result = w.summary(outputs={"checkpoints": str(tmp_path / "ckpt")}, stage="dft")
   on_disk = json.loads((tmp_path / metrics.SUMMARY_FILE).read_text())
   assert on_disk == result
   assert result["final_step"] == 3 and result["resume_step"] == 1
-  assert result["tokens"] == 128 and result["stage"] == "dft"
-  assert result["final"] == {"loss": 2.0, "kd": 0.5}
+  assert result["tokens_seen"] == 128 and result["stage"] == "dft"
+  assert result["final"] == {"loss": 2.0, "kd": 0.5, "tokens": 40}
   assert result["outputs"]["checkpoints"].endswith("ckpt")
   err = capsys.readouterr().err
   assert "128 tokens" in err and "loss=2" in err and str(tmp_path / "ckpt") in err

@@ -4,12 +4,12 @@
 
 * ``stage_dir/metrics.jsonl``: one JSON object per logged step, e.g.
     {"step": 200, "loss": 2.31, "lm": 2.1, "kd": 0.4, "attn": 0.02, "lr": 2e-05,
-     "tokens": 1638400, "tokens_per_s": 8123.4, "elapsed_s": 201.7}
-  `step` and `loss` always; every metric given; `tokens` (cumulative since this writer
-  started), `tokens_per_s` (since the previous line) and `elapsed_s` are added. Values
-  are plain JSON numbers (jax/numpy scalars converted; a non-finite float is written as
-  null so the file stays strict JSON). Each line is flushed when written, so a kill loses
-  at most that line. On resume from step s, lines with step > s (and a torn last line)
+     "tokens_seen": 1638400, "tokens_per_s": 8123.4, "elapsed_s": 201.7}
+  `step` and `loss` always; every metric given (a step's own "tokens" count included);
+  `tokens_seen` (cumulative since this writer started), `tokens_per_s` (since the
+  previous line) and `elapsed_s` are added. Values are plain JSON numbers (jax/numpy
+  scalars converted; a non-finite float is written as null so the file stays strict
+  JSON). Each line is flushed when written, so a kill loses at most that line. On resume from step s, lines with step > s (and a torn last line)
   are dropped first, so the file never holds a step twice.
 * ``stage_dir/tb/``: TensorBoard event files (tensorboardX), one scalar per metric.
 * a console progress bar (tqdm) with ETA, tokens/s and the loss terms.
@@ -32,7 +32,7 @@ import tqdm
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TB_DIR = "tb"
-_ADDED = ("step", "tokens", "tokens_per_s", "elapsed_s")
+_ADDED = ("step", "tokens_seen", "tokens_per_s", "elapsed_s")
 
 
 def _to_scalar(name: str, value: Any) -> int | float | bool | None:
@@ -146,7 +146,7 @@ class MetricsWriter:
       record[name] = _to_scalar(name, host[name])
     self._tokens += int(tokens)
     window = max(now - self._last_time, 1e-9)
-    record["tokens"] = self._tokens
+    record["tokens_seen"] = self._tokens
     record["tokens_per_s"] = round(int(tokens) / window, 3)
     record["elapsed_s"] = round(now - self._start, 3)
     self._last_time = now
@@ -179,7 +179,7 @@ class MetricsWriter:
         "resume_step": self.resume_step,
         "final_step": None if self.last is None else self.last["step"],
         "wall_time_s": round(wall, 3),
-        "tokens": self._tokens,
+        "tokens_seen": self._tokens,
         "tokens_per_s": round(self._tokens / max(wall, 1e-9), 3),
         "final": {k: v for k, v in (self.last or {}).items() if k not in _ADDED},
         "outputs": dict(outputs or {}),
