@@ -1,0 +1,310 @@
+"""Checkpoints of a training stage and the hand-off between stages.
+
+A stage directory holds everything one stage writes. This module owns three kinds of
+files in it:
+
+* step checkpoints (``StageCheckpointer``, an orbax ``CheckpointManager``), one
+  sub-directory per saved step with three items:
+    ``state``  pytree of jax/numpy arrays and Python scalars (trainable params, optimizer
+               state, step, rng; typed PRNG keys are fine), any dtype, possibly sharded;
+    ``data``   the data iterator's JSON-able state (dict, or None) of every process:
+               {"process_states": [state of process 0, state of process 1, ...]}, as
+               each host reads its own shard of the data;
+    ``meta``   small JSON: config dict, stage name, ...
+  Orbax writes a step into a temporary directory and renames it when complete, so a save
+  killed part-way leaves the previous steps intact and the partial one is never listed
+  (and is deleted when the directory is opened again).
+* standalone param trees (``save_params`` / ``load_params``): a finished stage's outputs,
+  e.g. merged weights, read by the next stage. Written the same atomic way.
+* small JSON markers: ``manifest.json`` (where the frozen inputs of the stage came from;
+  frozen weights are referenced, never copied) and ``DONE`` (written last, via rename, so
+  that a launcher can skip finished stages).
+
+Multi-host: every process calls ``save``/``restore``/``save_params``/``load_params``
+(they are collective); orbax lets the primary process write the shared files. The JSON
+markers are written by process 0 only; all processes may read them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST_FILE = "manifest.json"
+DONE_FILE = "DONE"
+_ITEMS = ("state", "data", "meta")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_json(name: str, value: Any) -> None:
+  """Fails early (not in orbax's background thread) on values JSON cannot hold."""
+  try:
+    json.dumps(value, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{name} must be JSON-serializable (dicts, lists, str, int, finite float, bool, "
+        f"None); convert it first (e.g. ConfigDict.to_dict()): {e}") from e
+
+
+def _as_abstract(tree: Any) -> Any:
+  """Arrays -> ShapeDtypeStructs keeping their sharding; other leaves unchanged."""
+
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+  return jax.tree.map(leaf, tree)
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """Barrier so other hosts do not read a marker before process 0 wrote it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _gather_per_process(value: Any) -> list[Any]:
+  """[value of process 0, value of process 1, ...] on every process (JSON values)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(raw.size)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everyone, lengths)]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` via a temp file + rename: readers see all or nothing."""
+  path = os.fspath(path)
+  _check_json(os.path.basename(path), obj)
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                             dir=directory)
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------ step checkpoints
+
+
+class StageCheckpointer:
+  """Periodic, atomic, optionally async checkpoints of one stage (orbax manager).
+
+  Usage:
+    ckpt = StageCheckpointer(os.path.join(stage_dir, "ckpt"), keep=3)
+    if ckpt.latest_step() is not None:
+      state, data_state, meta = ckpt.restore(abstract_state=jax.eval_shape(init))
+    ...
+    ckpt.save(step, state, data_state=it.get_state(), meta={"stage": "dft"})
+    ...
+    ckpt.save(last_step, state, ..., force=True); ckpt.close()
+
+  Async saves copy device arrays to host before `save` returns, so the caller may
+  donate or overwrite `state` right after.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int | None = 3,
+               async_save: bool = True, save_interval_steps: int = 1):
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep={keep}: must be >= 1 (or None to keep every step)")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps={save_interval_steps}: must be >= 1")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_interval_steps = save_interval_steps
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        # Partial (killed) saves are left as tmp dirs; remove them on open.
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=_ITEMS)
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None = None,
+           meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Saves `step` if `step % save_interval_steps == 0` or `force`; returns whether it did.
+
+    A step already saved is not saved again (returns False).
+
+    Collective: every process calls it with its shards of `state` and its own
+    `data_state` (gathered so that each process gets its own back on restore).
+    """
+    # The interval is decided here, not by orbax, whose policy also saves the first step
+    # it sees (an expensive and useless save right after a start or resume).
+    if not force and step % self.save_interval_steps:
+      return False
+    # A final forced save often lands on a step the interval already saved.
+    if step in self._manager.all_steps():
+      return False
+    _check_json("data_state", data_state)
+    _check_json("meta", meta)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"process_states": _gather_per_process(data_state)}),
+        meta=ocp.args.JsonSave(meta),
+    )
+    return bool(self._manager.save(int(step), args=args, force=True))
+
+  def latest_step(self) -> int | None:
+    """Newest fully written step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Fully written steps, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, step: int | None = None, abstract_state: Any = None
+              ) -> tuple[Any, Any, Any]:
+    """Returns (state, data_state, meta) of `step` (default: the latest).
+
+    `data_state` is this process's own; restoring with another number of processes
+    than saved is an error for it (the data shards differ), unless it was None.
+
+    `abstract_state`: a pytree like the saved state whose leaves are
+    `jax.ShapeDtypeStruct`s (with `sharding` to place the restored arrays) or arrays
+    (their shape/dtype/sharding are used). It fixes the tree structure (e.g. optax
+    namedtuples) and the placement; without it orbax rebuilds plain containers and uses
+    the saved shardings. With several devices or processes give every array leaf a
+    `sharding` (orbax refuses to guess across a changed topology).
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}: nothing to restore")
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"step={step} not in {self.directory} (available: {self.all_steps()})")
+    target = None if abstract_state is None else _as_abstract(abstract_state)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+    )
+    out = self._manager.restore(int(step), args=args)
+    return out["state"], self._own_data_state(out["data"], step), out["meta"]
+
+  def _own_data_state(self, saved: Mapping[str, Any], step: int) -> Any:
+    states = saved["process_states"]
+    if all(x is None for x in states):
+      return None
+    if len(states) != jax.process_count():
+      raise ValueError(
+          f"step {step} in {self.directory} holds data iterator states of {len(states)} "
+          f"processes but {jax.process_count()} are running; restart the data pipeline "
+          "from scratch or run with the saved number of processes")
+    return states[jax.process_index()]
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are written and committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "StageCheckpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# --------------------------------------------------------------- standalone params
+
+
+def save_params(path: str | os.PathLike, params: Any, overwrite: bool = False) -> None:
+  """Writes a param pytree to the new directory `path` (atomically; collective).
+
+  An existing `path` is an error unless `overwrite` (which first deletes it, so only the
+  new tree's write, not the replacement, is atomic).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f"path={path} already exists; pass overwrite=True to replace it")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, params, force=overwrite)
+    ckptr.wait_until_finished()
+
+
+def load_params(path: str | os.PathLike, abstract: Any = None) -> Any:
+  """Reads a param pytree written by `save_params`.
+
+  `abstract`: like `StageCheckpointer.restore`'s `abstract_state` (shapes, dtypes and
+  shardings to restore into); None restores as saved.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no param checkpoint at path={path}")
+  target = None if abstract is None else _as_abstract(abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, target)
+
+
+# ------------------------------------------------------------------ stage markers
+
+
+def write_manifest(stage_dir: str | os.PathLike, info: Mapping[str, Any]) -> None:
+  """Records where the stage's frozen inputs come from (paths, upstream stage + step).
+
+  Frozen weights are referenced by path here rather than copied into checkpoints.
+  """
+  if _is_primary():
+    write_json_atomic(os.path.join(os.fspath(stage_dir), MANIFEST_FILE), dict(info))
+  _sync("cdx_write_manifest")
+
+
+def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
+  """The stage's manifest, or None when it has none yet."""
+  path = os.path.join(os.fspath(stage_dir), MANIFEST_FILE)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def mark_done(stage_dir: str | os.PathLike, info: Mapping[str, Any] | None = None) -> None:
+  """Marks the stage finished; call it last, after every output is written."""
+  if _is_primary():
+    write_json_atomic(os.path.join(os.fspath(stage_dir), DONE_FILE), dict(info or {}))
+  _sync("cdx_mark_done")
+
+
+def read_done(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
+  """The info given to `mark_done`, or None when the stage is not finished."""
+  path = os.path.join(os.fspath(stage_dir), DONE_FILE)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def is_done(stage_dir: str | os.PathLike) -> bool:
+  """Whether `mark_done` completed for this stage."""
+  return os.path.isfile(os.path.join(os.fspath(stage_dir), DONE_FILE))
