@@ -209,6 +209,9 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
     raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
   if len(source) == 0:
     raise ValueError(f"{source!r} holds no samples")
+  issues = list(getattr(source, "issues", []))
+  if config.strict and issues:
+    raise SampleError(issues[0].reason, issues[0].message)
   ds = grain.MapDataset.source(source)
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
@@ -219,8 +222,8 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
                                                prefetch_buffer_size=4 * config.batch_size))
   if config.worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-  issues = getattr(source, "issues", []) if pi == 0 else []  # load issues counted once
-  return BatchIterator(it_ds, config, pad_id, issues)
+  # Load issues are counted once, by process 0.
+  return BatchIterator(it_ds, config, pad_id, issues if pi == 0 else [])
 
 
 def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
