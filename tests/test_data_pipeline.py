@@ -156,6 +156,13 @@ def test_weighted_mix_is_deterministic(good, tmp_path):
   assert mix[26]["where"].startswith(other + "#")
   with pytest.raises(ValueError, match="weights"):
     sources.LlavaSource([path, other], root, weights=[1])
+  not_list = str(tmp_path / "obj.json")
+  with open(not_list, "w") as f:
+    json.dump({"id": 1}, f)
+  with pytest.raises(ValueError, match="expected a list"):
+    sources.LlavaSource(not_list, root)
+  with pytest.raises(ValueError, match="does not exist"):
+    sources.LlavaSource(str(tmp_path / "none.jsonl"), root)
 
 
 @pytest.fixture(scope="module")

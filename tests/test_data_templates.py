@@ -119,8 +119,13 @@ def test_generation_prompt_and_text_only(tok):
   conv = templates.Conversation((templates.Turn("What colour is the cube?", None),), True)
   ex = templates.encode(conv, tok, "qwen2_base", NV)
   assert tok.decode(ex["input_ids"]).endswith(" ASSISTANT:")
-  assert tok.decode(ex["input_ids"][-3:]).endswith(":")
   assert (ex["labels"] == IGNORE).all()
+  same = templates.encode_prompt("<image>\nWhat colour is the cube?", tok, "qwen2_base", NV)
+  assert np.array_equal(same["input_ids"], ex["input_ids"])
+  full = templates.encode(templates.conversation_from_llava(
+      [human("<image>\nWhat colour is the cube?"), gpt("red")], True), tok, "qwen2_base", NV)
+  n = len(ex["input_ids"])
+  assert np.array_equal(full["input_ids"][:n], ex["input_ids"])  # prompt prefixes training
   text_only = templates.conversation_from_llava([human("How many objects?"), gpt("3")], False)
   ex = templates.encode(text_only, tok, "qwen2_base", NV)
   assert ex["image_start"] == -1 and ex["num_image_tokens"] == 0

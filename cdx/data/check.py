@@ -44,9 +44,9 @@ class Report:
 
   def to_text(self) -> str:
     lines = [f"total {self.total}  ok {self.ok}  bad {self.bad}"]
-    for title, counts in (("skipped", self.reasons), ("warnings", self.warnings)):
+    for kind, counts in (("skip", self.reasons), ("warn", self.warnings)):
       for reason, n in sorted(counts.items()):
-        lines.append(f"  {title[:-1]:8s} {reason:26s} {n:8d}   e.g. {self.examples[reason]}")
+        lines.append(f"  {kind} {reason:26s} {n:8d}   e.g. {self.examples[reason]}")
     return "\n".join(lines)
 
 

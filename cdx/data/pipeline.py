@@ -20,6 +20,7 @@ import collections
 import dataclasses
 from typing import Any, Iterator
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -219,8 +220,12 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
   ds = ds[pi::pc]
   ds = ds.map(ExampleBuilder(tokenizer, config))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                               prefetch_buffer_size=4 * config.batch_size))
+                                               prefetch_buffer_size=max(1, 4 * config.read_threads)))
   if config.worker_count > 0:
+    # grain's worker processes read absl flags; programs not started by absl.app have
+    # not parsed them, so mark them parsed (defaults) instead of failing.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   # Load issues are counted once, by process 0.
   return BatchIterator(it_ds, config, pad_id, issues if pi == 0 else [])

@@ -170,6 +170,17 @@ def encode(conv: Conversation, tokenizer, template: str,
               num_image_tokens=num_visual_tokens if conv.has_image else 0)
 
 
+def encode_prompt(question: str, tokenizer, template: str, num_visual_tokens: int,
+                  has_image: bool = True) -> dict[str, Any]:
+  """Generation prompt of one question (`... USER: <image>\\n{q} ASSISTANT:`), no labels.
+
+  Any `<image>` in `question` is dropped: the template places the image itself.
+  """
+  q = _strip_placeholder(question) if IMAGE in question else question
+  return encode(Conversation((Turn(q, None),), has_image), tokenizer, template,
+                num_visual_tokens)
+
+
 def truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:
   """Cuts an encoded example to `max_length` tokens, never through the image block.
 
