@@ -113,13 +113,14 @@ def test_same_seed_same_batches_and_epochs_reshuffle(good, tok):
   assert sorted(two[:13]) == sorted(two[13:]) and two[:13] != two[13:]
 
 
-def test_state_restores_exact_next_batches(good, tok):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_state_restores_exact_next_batches(good, tok, threads):
   path, root = good
-  it = _iter(path, root, tok, seed=1)
+  it = _iter(path, root, tok, seed=1, read_threads=threads)
   _take(it, 2)
   state = json.loads(json.dumps(it.get_state()))  # must survive a JSON round trip
   expected = _take(it, 4)  # crosses the epoch boundary (13 samples, batches of 4)
-  resumed = _iter(path, root, tok, seed=1)
+  resumed = _iter(path, root, tok, seed=1, read_threads=threads)
   resumed.set_state(state)
   got = _take(resumed, 4)
   for x, y in zip(expected, got):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 from absl import flags
 import grain
