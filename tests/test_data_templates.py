@@ -1,6 +1,5 @@
 """Tokenizer training/loading and chat templates: ids, labels, image block placement."""
 import json
-import os
 
 import numpy as np
 import pytest
