@@ -135,7 +135,8 @@ def primary_relation(a: Obj, b: Obj) -> str:
 # ---------------------------------------------------------------------------------------
 # Sampling.
 
-def _fits(x: float, y: float, r: float, placed: Sequence[Obj]) -> bool:
+def fits(x: float, y: float, r: float, placed: Sequence[Obj]) -> bool:
+  """Can an object of radius r sit at (x, y) beside the placed ones?"""
   for o in placed:
     dx, dy = x - o.x, y - o.y
     if (dx * dx + dy * dy) ** 0.5 < r + RADIUS[o.size] + MIN_GAP:
@@ -153,7 +154,7 @@ def place(rng: np.random.Generator, sizes: Sequence[str], tries: int = 200,
     r = RADIUS[size]
     for _ in range(tries):
       x, y = rng.uniform(r, 1.0 - r, size=2)
-      if _fits(x, y, r, placed):
+      if fits(x, y, r, placed):
         placed.append(Obj("circle", "red", size, float(x), float(y)))
         break
     else:
