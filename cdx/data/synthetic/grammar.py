@@ -5,7 +5,8 @@ a noun phrase `NP` ("a large red circle", "a circle") or a relation `Rel`
 ("a red circle to the left of a blue square"). Meaning: there are *distinct* objects, one
 per noun phrase, each matching its phrase, with every relation holding between its two
 objects (`world.relation_holds`). `is_true(caption, scene)` checks that by trying every
-assignment (at most 4 objects, so this is tiny).
+assignment (at most 4 objects, so this is tiny); with `lenient=True` borderline relations
+count as true, so "not is_true(c, s, lenient=True)" means clearly false.
 
 Keeping the meaning structured lets the SugarCrepe-style negatives be built by editing
 one field (a colour, a shape, a relation) and then verified, instead of string surgery.
@@ -81,8 +82,13 @@ def noun_phrases(caption: Caption) -> list[NP]:
   return out
 
 
-def is_true(caption: Caption, scene: world.Scene) -> bool:
-  """Is there an injective assignment of phrases to objects satisfying the caption?"""
+def is_true(caption: Caption, scene: world.Scene, lenient: bool = False) -> bool:
+  """Is there an injective assignment of phrases to objects satisfying the caption?
+
+  lenient=True also accepts borderline relations; a caption false even then is clearly
+  false, which is what negatives must be.
+  """
+  holds = world.relation_possible if lenient else world.relation_holds
   nps = noun_phrases(caption)
   objs = scene.objects
   for perm in itertools.permutations(range(len(objs)), len(nps)):
@@ -91,7 +97,7 @@ def is_true(caption: Caption, scene: world.Scene) -> bool:
     k, ok = 0, True
     for item in caption:
       if isinstance(item, Rel):
-        ok &= world.relation_holds(objs[perm[k]], item.rel, objs[perm[k + 1]])
+        ok &= holds(objs[perm[k]], item.rel, objs[perm[k + 1]])
         k += 2
       else:
         k += 1

@@ -420,7 +420,7 @@ def sugarcrepe_item(subset: str, index: int, seed: int, pool: Pool, image_dir: s
       continue
     for neg in _negatives(subset, pos, scene, rng, pool):
       # Seen sets never name a held-out pair, not even in the negative.
-      if neg is not None and neg != pos and not grammar.is_true(neg, scene) and (
+      if neg is not None and neg != pos and not grammar.is_true(neg, scene, True) and (
           pool.focus or pool.allows(neg)):
         image = f"{image_dir}/{subset}_{index:06d}.png"
         return {"filename": image, "caption": grammar.text(pos),
@@ -448,8 +448,9 @@ def winoground_item(index: int, seed: int, pool: Pool, image_dir: str,
     scene1 = world.Scene(moved + scene0.objects[2:])
     if not _valid(scene1, pool):
       continue
-    truth = [[grammar.is_true(c, s) for s in (scene0, scene1)] for c in (cap0, cap1)]
-    if truth != [[True, False], [False, True]]:
+    strict = [[grammar.is_true(c, s) for s in (scene0, scene1)] for c in (cap0, cap1)]
+    lenient = [[grammar.is_true(c, s, True) for s in (scene0, scene1)] for c in (cap0, cap1)]
+    if strict != [[True, False], [False, True]] or lenient != strict:
       continue
     images = [f"{image_dir}/winoground_{index:06d}_{k}.png" for k in (0, 1)]
     item = {"id": index, "image_0": images[0], "image_1": images[1],

@@ -119,6 +119,11 @@ def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
   raise ValueError(f"relation={rel!r} is not one of {RELATIONS}.")
 
 
+def relation_possible(a: Obj, rel: str, b: Obj) -> bool:
+  """Lenient meaning: "a <rel> b" is not clearly false (borderline offsets count)."""
+  return not relation_holds(a, OPPOSITE[rel], b)
+
+
 def relation_is_clear(a: Obj, rel: str, b: Obj) -> bool:
   """True when "a <rel> b" is clearly true or clearly false (no borderline offsets)."""
   return relation_holds(a, rel, b) or relation_holds(a, OPPOSITE[rel], b)
@@ -209,11 +214,12 @@ def _star(u: np.ndarray, v: np.ndarray, inner: float = 0.45) -> np.ndarray:
   return (vx - 1.0) * qy - vy * (qx - 1.0) >= 0
 
 
-# Inside-tests in local coordinates (u, v in units of the radius, v grows downwards).
+# Inside-tests in local coordinates (u, v in units of the radius, v grows downwards);
+# every shape stays inside the unit circle, so placement by radius never overlaps.
 _INSIDE = {
     "circle": lambda u, v: u * u + v * v <= 1.0,
-    "square": lambda u, v: np.maximum(abs(u), abs(v)) <= 0.78,
-    "triangle": lambda u, v: (v <= 0.55) & (v >= -1.0 + np.sqrt(3.0) * abs(u)),
+    "square": lambda u, v: np.maximum(abs(u), abs(v)) <= 0.7,
+    "triangle": lambda u, v: (v <= 0.5) & (v >= -1.0 + np.sqrt(3.0) * abs(u)),
     "star": _star,
     "diamond": lambda u, v: abs(u) + abs(v) <= 1.0,
     "cross": lambda u, v: (((abs(u) <= 0.32) & (abs(v) <= 0.92))
