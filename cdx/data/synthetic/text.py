@@ -16,7 +16,9 @@ Evaluation items:
   - winoground: {"id", "image_0", "image_1", "caption_0", "caption_1", "tag"}
 Held-out split: training scenes never contain a `world.heldout_combos()` pair and no
 training text names one; held-out evaluation scenes always contain one (object 0, the
-"focus") and each of their captions / questions mentions it.
+"focus") and each caption / question mentions it (except "no" existence questions, which
+ask about another held-out pair, and the second image of a Winoground attribute pair,
+where the focus's colour is swapped away).
 """
 from __future__ import annotations
 

@@ -14,13 +14,14 @@ holds and its opposite is always clearly false.
 
 `render(scenes, size)` draws a batch of scenes into uint8 [N, size, size, 3] images on a
 grey background. It works on small per-object patches, all objects at once, so it costs
-O(objects * patch) instead of O(objects * image). Timing on this project's 2-core CPU box:
+O(objects * patch) instead of O(objects * image). Every shape fits inside the circle of
+its radius, so objects never touch. Timing on this project's shared 2-core CPU box:
 
   python -c "import time, numpy as np; from cdx.data.synthetic import world as w; \
     s=[w.sample_scene(np.random.default_rng([0, i])) for i in range(20000)]; \
     t=time.time(); w.render(s, 64); print(time.time()-t)"
 
-samples 20k scenes in ~1.0 s and renders them in ~0.6 s (64x64, no anti-aliasing; ~2.4 s
+20k scenes sample in ~1.0 s and render in ~1.4-2 s (64x64, no anti-aliasing; ~2.2-3.7 s
 with `antialias=2`).
 """
 from __future__ import annotations
@@ -160,7 +161,7 @@ def place(rng: np.random.Generator, sizes: Sequence[str], tries: int = 200,
     for _ in range(tries):
       x, y = rng.uniform(r, 1.0 - r, size=2)
       if fits(x, y, r, placed):
-        placed.append(Obj("circle", "red", size, float(x), float(y)))
+        placed.append(Obj("circle", "red", size, float(x), float(y)))  # fits() reads size, x, y
         break
     else:
       return None
