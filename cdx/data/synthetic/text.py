@@ -1,0 +1,518 @@
+"""Texts about synthetic scenes: LLaVA-format training data and evaluation sets.
+
+Every builder here is a pure function of (seed, index): sample `i` of a split draws from
+`np.random.default_rng([seed, stream, i])`, so any slice can be rebuilt alone. Builders
+return records plus the scenes to render, keyed by image path; `export.py` writes them.
+
+Training records (LLaVA json):
+  {"id": str, "image": "images/<split>/000123.png",
+   "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
+  - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
+  - instruct: 1-3 turns of recognition / relation Q&A (short answers carry the VQA suffix),
+    "describe" requests, and text-only samples (no "image" key).
+Evaluation items:
+  - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
+  - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
+  - winoground: {"id", "image_0", "image_1", "caption_0", "caption_1", "tag"}
+Held-out split: training scenes never contain a `world.heldout_combos()` pair and no
+training text names one; held-out evaluation scenes always contain one (object 0, the
+"focus") and each caption / question mentions it (except "no" existence questions, which
+ask about another held-out pair, and the second image of a Winoground attribute pair,
+where the focus's colour is swapped away).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from cdx.data.synthetic import grammar
+from cdx.data.synthetic import world
+from cdx.data.synthetic.grammar import NP, Rel
+
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+SUGARCREPE_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att",
+                      "replace_rel", "add_obj", "add_att")
+NUMBERS = ("0", "1", "2", "3", "4")
+_STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4,
+            **{f"sugarcrepe_{s}": 10 + i for i, s in enumerate(SUGARCREPE_SUBSETS)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """Which (colour, shape) pairs scenes and texts may use, and which must be mentioned.
+
+  `combos`: pairs any scene object / text may use. `focus`: when non-empty, object 0 of
+  every scene is one of these pairs and every evaluation text mentions that object.
+  """
+  combos: tuple[tuple[str, str], ...]
+  focus: tuple[tuple[str, str], ...] = ()
+
+  @classmethod
+  def seen(cls, heldout=None) -> "Pool":
+    heldout = world.heldout_combos() if heldout is None else heldout
+    return cls(world.seen_combos(heldout))
+
+  @classmethod
+  def heldout(cls, heldout=None) -> "Pool":
+    heldout = world.heldout_combos() if heldout is None else heldout
+    return cls(world.ALL_COMBOS, tuple(sorted(heldout)))
+
+  def scene(self, rng: np.random.Generator, num_objects: int | None = None) -> world.Scene:
+    return world.sample_scene(rng, num_objects, self.combos, self.focus)
+
+  def allows(self, caption: grammar.Caption) -> bool:
+    return grammar.mentioned_combos(caption) <= set(self.combos)
+
+
+def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, _STREAMS[stream], index])
+
+
+def _pick(rng: np.random.Generator, seq: Sequence):
+  return seq[int(rng.integers(len(seq)))]
+
+
+def _shuffled(rng: np.random.Generator, seq: Sequence) -> list:
+  return [seq[i] for i in rng.permutation(len(seq))]
+
+
+def _cap(s: str) -> str:
+  return s[0].upper() + s[1:]
+
+
+# ---------------------------------------------------------------------------------------
+# Captions.
+
+def full_np(obj: world.Obj, rng: np.random.Generator | None = None) -> NP:
+  """Colour + shape (unique in a scene), with the size when rng says so (or always)."""
+  return NP.of(obj, size=True if rng is None else bool(rng.integers(2)))
+
+
+def relation_item(scene: world.Scene, i: int, j: int, rng: np.random.Generator) -> Rel:
+  a, b = scene.objects[i], scene.objects[j]
+  return Rel(full_np(a, rng), world.primary_relation(a, b), full_np(b, rng))
+
+
+def scene_caption(scene: world.Scene, rng: np.random.Generator) -> grammar.Caption:
+  """All objects, fully described; for 2+ objects one pair is joined by its relation."""
+  order = list(rng.permutation(len(scene.objects)))
+  if len(order) == 1:
+    return (full_np(scene.objects[order[0]]),)
+  i, j = order[:2]
+  a, b = scene.objects[i], scene.objects[j]
+  items = [Rel(full_np(a), world.primary_relation(a, b), full_np(b))]
+  items += [full_np(scene.objects[k]) for k in order[2:]]
+  return tuple(items)
+
+
+# ---------------------------------------------------------------------------------------
+# Questions. Each returns (question, short answer, long answer) or None if it does not
+# apply to the scene. `focus` = index of an object the question must be about, or None.
+
+QA = tuple[str, str, str]
+
+
+def _subject(scene: world.Scene, rng: np.random.Generator, focus: int | None) -> int:
+  return focus if focus is not None else int(rng.integers(len(scene.objects)))
+
+
+def q_color(scene, rng, pool, focus) -> QA | None:
+  i = _subject(scene, rng, focus)
+  o = scene.objects[i]
+  phrase = grammar.unique_phrase(scene, i, [NP(o.shape), NP(o.shape, size=o.size)])
+  if phrase is None:
+    return None
+  return (f"What color is {phrase.definite()}?", o.color,
+          f"{_cap(phrase.definite())} is {o.color}.")
+
+
+def q_shape(scene, rng, pool, focus) -> QA | None:
+  i = _subject(scene, rng, focus)
+  o = scene.objects[i]
+  for words in ([o.color], [o.size, o.color]):
+    same = [p for p in scene.objects
+            if p.color == o.color and (len(words) == 1 or p.size == o.size)]
+    if len(same) == 1:
+      thing = "the " + " ".join(words) + " object"
+      return (f"What shape is {thing}?", o.shape, f"{_cap(thing)} is a {o.shape}.")
+  return None
+
+
+def q_size(scene, rng, pool, focus) -> QA | None:
+  o = scene.objects[_subject(scene, rng, focus)]
+  the = NP(o.shape, o.color).definite()
+  return f"Is {the} small or large?", o.size, f"{_cap(the)} is {o.size}."
+
+
+def q_count(scene, rng, pool, focus) -> QA | None:
+  if focus is not None:
+    return None
+  kind = int(rng.integers(3))
+  if kind == 0:
+    n, noun, nouns = len(scene.objects), "object", "objects"
+  elif kind == 1:
+    color = _pick(rng, list(world.COLORS))
+    n = sum(o.color == color for o in scene.objects)
+    noun, nouns = f"{color} object", f"{color} objects"
+  else:
+    shape = _pick(rng, world.SHAPES)
+    n = sum(o.shape == shape for o in scene.objects)
+    noun, nouns = shape, world.PLURALS[shape]
+  long = f"There is 1 {noun}." if n == 1 else f"There are {n} {nouns}."
+  return f"How many {nouns} are there?", str(n), long
+
+
+def q_exist(scene, rng, pool, focus) -> QA | None:
+  present = {o.combo for o in scene.objects}
+  if rng.integers(2):
+    o = scene.objects[_subject(scene, rng, focus)]
+    color, shape, answer = o.color, o.shape, "Yes"
+  else:
+    absent = [c for c in (pool.focus or pool.combos) if c not in present]
+    if not absent:
+      return None
+    (color, shape), answer = _pick(rng, absent), "No"
+  a = NP(shape, color).indefinite()
+  long = f"Yes, there is {a}." if answer == "Yes" else f"No, there is no {color} {shape}."
+  return f"Is there {a} in the image?", answer, long
+
+
+def _pair(scene, rng, focus) -> tuple[int, int] | None:
+  if len(scene.objects) < 2:
+    return None
+  i, j = (int(k) for k in rng.permutation(len(scene.objects))[:2])
+  if focus is not None and focus not in (i, j):
+    i = focus if rng.integers(2) else i
+    j = focus if i != focus else j
+  return i, j
+
+
+def q_relation(scene, rng, pool, focus) -> QA | None:
+  pair = _pair(scene, rng, focus)
+  if pair is None:
+    return None
+  a, b = (scene.objects[k] for k in pair)
+  rel = _pick(rng, world.RELATIONS)
+  if not world.relation_is_clear(a, rel, b):
+    return None
+  the_a, the_b = NP(a.shape, a.color).definite(), NP(b.shape, b.color).definite()
+  words = grammar.REL_WORDS[rel]
+  if world.relation_holds(a, rel, b):
+    return f"Is {the_a} {words} {the_b}?", "Yes", f"Yes, {the_a} is {words} {the_b}."
+  return f"Is {the_a} {words} {the_b}?", "No", f"No, {the_a} is not {words} {the_b}."
+
+
+def q_which(scene, rng, pool, focus) -> QA | None:
+  pair = _pair(scene, rng, focus)
+  if pair is None:
+    return None
+  i, j = pair
+  a, b = scene.objects[i], scene.objects[j]
+  rel = world.primary_relation(a, b)
+  others = [o for k, o in enumerate(scene.objects) if k not in (i, j)]
+  # The answer must be the only object in that relation, and clearly so for the rest.
+  if any(world.relation_holds(o, rel, b) or not world.relation_is_clear(o, rel, b)
+         for o in others):
+    return None
+  the_a, the_b = NP(a.shape, a.color).definite(), NP(b.shape, b.color).definite()
+  words = grammar.REL_WORDS[rel]
+  return (f"Which object is {words} {the_b}?", the_a[4:],
+          f"{_cap(the_a)} is {words} {the_b}.")
+
+
+QUESTIONS: dict[str, Callable] = {
+    "color": q_color, "shape": q_shape, "size": q_size, "count": q_count,
+    "exist": q_exist, "relation": q_relation, "which": q_which,
+}
+
+
+def ask(kind: str, scene: world.Scene, rng: np.random.Generator, pool: Pool,
+        focus: int | None = None, tries: int = 8) -> QA | None:
+  for _ in range(tries):  # some draws do not apply (e.g. ambiguous referents)
+    qa = QUESTIONS[kind](scene, rng, pool, focus)
+    if qa is not None:
+      return qa
+  return None
+
+
+# ---------------------------------------------------------------------------------------
+# Training records.
+
+def _conv(turns: Sequence[tuple[str, str]], with_image: bool) -> list[dict]:
+  out = []
+  for k, (q, a) in enumerate(turns):
+    if k == 0 and with_image:
+      q = "<image>\n" + q
+    out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+  return out
+
+
+def pretrain_record(index: int, seed: int, pool: Pool) -> tuple[dict, world.Scene]:
+  rng = _rng(seed, "pretrain", index)
+  scene = pool.scene(rng)
+  image = f"images/pretrain/{index:06d}.png"
+  caption = grammar.text(scene_caption(scene, rng))
+  conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
+  return {"id": f"pretrain-{index:06d}", "image": image, "conversations": conv}, scene
+
+
+def _text_only_turn(rng: np.random.Generator) -> tuple[str, str]:
+  kind = int(rng.integers(3))
+  if kind == 0:
+    word = _pick(rng, list(world.COLORS) + list(world.SHAPES))
+    what = "color" if word in world.COLORS else "shape"
+    return f"Is {word} a color or a shape?", f"{_cap(word)} is a {what}."
+  if kind == 1:
+    word = _pick(rng, list(world.OPPOSITE))
+    return f"What is the opposite of {word}?", world.OPPOSITE[word]
+  shape = _pick(rng, world.SHAPES)
+  return f"What is the plural of {shape}?", world.PLURALS[shape]
+
+
+def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0.05,
+                    ) -> tuple[dict, world.Scene | None]:
+  """1-3 turns about one scene, or (with probability text_only_frac) a text-only chat."""
+  rng = _rng(seed, "instruct", index)
+  rid = f"instruct-{index:06d}"
+  num_turns = int(rng.integers(1, 4))
+  if rng.uniform() < text_only_frac:
+    turns = [_text_only_turn(rng) for _ in range(num_turns)]
+    return {"id": rid, "conversations": _conv(turns, with_image=False)}, None
+  scene = pool.scene(rng)
+  short = bool(rng.integers(2))  # VQA-style conversation (suffix, one-word answers)
+  turns, asked = [], set()
+  for _ in range(num_turns):
+    kind = _pick(rng, list(QUESTIONS) + ([] if short else ["describe"]))
+    if kind == "describe":
+      q = _pick(rng, ("Describe the image.", "What objects are in the image?"))
+      qa = (q, "", _cap(grammar.text(scene_caption(scene, rng))) + ".")
+    else:
+      qa = ask(kind, scene, rng, pool)
+    if qa is None or qa[0] in asked:
+      continue
+    asked.add(qa[0])
+    turns.append((qa[0] + VQA_SUFFIX, qa[1]) if short else (qa[0], qa[2]))
+  if not turns:
+    qa = q_size(scene, rng, pool, None)  # always applies
+    turns.append((qa[0] + VQA_SUFFIX, qa[1]) if short else (qa[0], qa[2]))
+  image = f"images/instruct/{index:06d}.png"
+  return {"id": rid, "image": image, "conversations": _conv(turns, True)}, scene
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation sets.
+
+def vqa_item(index: int, seed: int, pool: Pool, image_dir: str) -> tuple[dict, world.Scene]:
+  rng = _rng(seed, "vqa", index)
+  focus = 0 if pool.focus else None
+  kinds = [k for k in QUESTIONS if not (focus is not None and k == "count")]
+  while True:
+    scene = pool.scene(rng)
+    kind = _pick(rng, kinds)
+    qa = ask(kind, scene, rng, pool, focus)
+    if qa is not None:
+      break
+  image = f"{image_dir}/vqa_{index:06d}.png"
+  return {"question_id": index, "image": image, "text": qa[0] + VQA_SUFFIX,
+          "answer": qa[1], "category": kind}, scene
+
+
+def _positive(subset: str, scene: world.Scene, rng: np.random.Generator,
+              focus: int | None) -> grammar.Caption | None:
+  """A true caption shaped for the subset (relations for swap_obj / replace_rel)."""
+  n = len(scene.objects)
+  needs_pair = subset in ("swap_obj", "swap_att", "replace_rel")
+  if needs_pair and n < 2:
+    return None
+  relational = subset in ("swap_obj", "replace_rel") or (n >= 2 and rng.integers(3) == 0)
+  k = 2 if relational or needs_pair else int(rng.integers(1, min(2, n) + 1))
+  order = [int(i) for i in rng.permutation(n)]
+  if focus is not None:  # the focus object must be among the first k
+    order.remove(focus)
+    order.insert(int(rng.integers(k)), focus)
+  if relational:
+    return (relation_item(scene, order[0], order[1], rng),)
+  nps = [full_np(scene.objects[i], rng) for i in order[:k]]
+  if subset == "add_att":  # leave an attribute out so the negative can add a wrong one
+    t = int(rng.integers(k))
+    shape, color, size = nps[t].shape, nps[t].color, nps[t].size
+    keep_color = order[t] == focus or rng.integers(2)  # the focus pair stays named
+    nps[t] = NP(shape, color, None) if keep_color else NP(shape, None, size)
+  return tuple(nps)
+
+
+def _edit_nps(caption: grammar.Caption, edit: Callable[[list[NP]], list[NP] | None]):
+  """Applies an edit to the caption's noun phrases (in order) and rebuilds the caption."""
+  nps = edit(grammar.noun_phrases(caption))
+  if nps is None:
+    return None
+  out, k = [], 0
+  for item in caption:
+    if isinstance(item, Rel):
+      out.append(Rel(nps[k], item.rel, nps[k + 1]))
+      k += 2
+    else:
+      out.append(nps[k])
+      k += 1
+  return tuple(out)
+
+
+def _negatives(subset: str, pos: grammar.Caption, scene: world.Scene,
+               rng: np.random.Generator, pool: Pool) -> Iterator[grammar.Caption]:
+  """Candidate negatives (to be checked false by the caller)."""
+  nps = grammar.noun_phrases(pos)
+  colors, shapes = list(world.COLORS), list(world.SHAPES)
+  for t in _shuffled(rng, range(len(nps))):
+    def put(new, t=t):
+      return _edit_nps(pos, lambda ps: ps[:t] + [new] + ps[t + 1:])
+    target = nps[t]
+    if subset == "replace_obj":
+      for s in _shuffled(rng, shapes):
+        if s != target.shape:
+          yield put(dataclasses.replace(target, shape=s))
+    elif subset == "replace_att":
+      if target.size is not None and rng.integers(2):
+        yield put(dataclasses.replace(target, size=world.OPPOSITE[target.size]))
+      for c in _shuffled(rng, colors):
+        if target.color is not None and c != target.color:
+          yield put(dataclasses.replace(target, color=c))
+    elif subset == "add_att":
+      if target.color is None:
+        for c in _shuffled(rng, colors):
+          yield put(dataclasses.replace(target, color=c))
+      if target.size is None:
+        for z in world.SIZES:
+          yield put(dataclasses.replace(target, size=z))
+  if subset == "replace_rel":
+    (r,) = pos
+    yield (Rel(r.subj, world.OPPOSITE[r.rel], r.obj),)
+  elif subset == "swap_obj":
+    (r,) = pos
+    yield (Rel(r.obj, r.rel, r.subj),)
+  elif subset == "swap_att":
+    a, b = nps[0], nps[1]
+    if a.color != b.color:
+      yield _edit_nps(pos, lambda ps: [dataclasses.replace(a, color=b.color),
+                                       dataclasses.replace(b, color=a.color)])
+    if a.size and b.size and a.size != b.size:
+      yield _edit_nps(pos, lambda ps: [dataclasses.replace(a, size=b.size),
+                                       dataclasses.replace(b, size=a.size)])
+  elif subset == "add_obj":
+    for c, s in _shuffled(rng, list(pool.combos)):
+      extra = NP(s, c, _pick(rng, world.SIZES) if rng.integers(2) else None)
+      yield pos + (extra,)
+
+
+def sugarcrepe_item(subset: str, index: int, seed: int, pool: Pool, image_dir: str,
+                    ) -> tuple[dict, world.Scene]:
+  """An image with a true caption and a false one that differs in the subset's way."""
+  if subset not in SUGARCREPE_SUBSETS:
+    raise ValueError(f"subset={subset!r} is not one of {SUGARCREPE_SUBSETS}.")
+  rng = _rng(seed, f"sugarcrepe_{subset}", index)
+  focus = 0 if pool.focus else None
+  min_objects = 2 if subset in ("swap_obj", "swap_att", "replace_rel") else 1
+  while True:
+    scene = pool.scene(rng, int(rng.integers(min_objects, 5)))
+    pos = _positive(subset, scene, rng, focus)
+    if pos is None or not grammar.is_true(pos, scene):
+      continue
+    if not pool.focus and not pool.allows(pos):
+      continue
+    for neg in _negatives(subset, pos, scene, rng, pool):
+      # Seen sets never name a held-out pair, not even in the negative.
+      if neg is not None and neg != pos and not grammar.is_true(neg, scene, True) and (
+          pool.focus or pool.allows(neg)):
+        image = f"{image_dir}/{subset}_{index:06d}.png"
+        return {"filename": image, "caption": grammar.text(pos),
+                "negative_caption": grammar.text(neg)}, scene
+
+
+def winoground_item(index: int, seed: int, pool: Pool, image_dir: str,
+                    ) -> tuple[dict, list[world.Scene]]:
+  """Two scenes, two captions with the same words; caption k is true only of scene k."""
+  rng = _rng(seed, "winoground", index)
+  while True:
+    scene0 = pool.scene(rng, int(rng.integers(2, 4)))
+    a, b = scene0.objects[0], scene0.objects[1]
+    tag = "relation" if rng.integers(2) else "attribute"
+    if tag == "relation":
+      cap0 = (Rel(NP(a.shape, a.color), world.primary_relation(a, b), NP(b.shape, b.color)),)
+      cap1 = (Rel(cap0[0].obj, cap0[0].rel, cap0[0].subj),)
+      moved = (dataclasses.replace(a, x=b.x, y=b.y), dataclasses.replace(b, x=a.x, y=a.y))
+    else:
+      if a.color == b.color:
+        continue
+      cap0 = (NP(a.shape, a.color), NP(b.shape, b.color))
+      cap1 = (NP(a.shape, b.color), NP(b.shape, a.color))
+      moved = (dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color))
+    scene1 = world.Scene(moved + scene0.objects[2:])
+    if not _valid(scene1, pool):
+      continue
+    strict = [[grammar.is_true(c, s) for s in (scene0, scene1)] for c in (cap0, cap1)]
+    lenient = [[grammar.is_true(c, s, True) for s in (scene0, scene1)] for c in (cap0, cap1)]
+    if strict != [[True, False], [False, True]] or lenient != strict:
+      continue
+    images = [f"{image_dir}/winoground_{index:06d}_{k}.png" for k in (0, 1)]
+    item = {"id": index, "image_0": images[0], "image_1": images[1],
+            "caption_0": grammar.text(cap0), "caption_1": grammar.text(cap1), "tag": tag}
+    return item, [scene0, scene1]
+
+
+def _valid(scene: world.Scene, pool: Pool) -> bool:
+  """Distinct allowed combos and legal placement (after an edit of a sampled scene)."""
+  combos = [o.combo for o in scene.objects]
+  if len(set(combos)) != len(combos) or not set(combos) <= set(pool.combos):
+    return False
+  for k, o in enumerate(scene.objects):
+    if not world.fits(o.x, o.y, world.RADIUS[o.size], scene.objects[:k]):
+      return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary.
+
+def corpus() -> Iterator[str]:
+  """Representative texts using every word the world can say (for tokenizer training)."""
+  rng = np.random.default_rng(0)
+  for shape in world.SHAPES:
+    for color in world.COLORS:
+      for size in world.SIZES:
+        np_ = NP(shape, color, size)
+        yield grammar.text((np_,))
+        yield f"Is there {NP(shape, color).indefinite()} in the image?"
+        yield f"No, there is no {color} {shape}."
+        yield f"Yes, there is {np_.indefinite()}."
+        yield f"What shape is the {size} {color} object?"
+        yield f"The {color} object is a {shape}."
+        yield f"What color is {NP(shape, size=size).definite()}?"
+        yield f"{_cap(np_.definite())} is {color}."
+        yield f"Is {NP(shape, color).definite()} small or large?"
+        yield f"{_cap(NP(shape, color).definite())} is {size}."
+    yield f"How many {world.PLURALS[shape]} are there?"
+    yield f"What is the plural of {shape}?"
+    yield f"{_cap(shape)} is a shape. Is {shape} a color or a shape?"
+  for color in world.COLORS:
+    yield f"How many {color} objects are there? There is 1 {color} object."
+    yield f"{_cap(color)} is a color. Is {color} a color or a shape?"
+  for rel, words in grammar.REL_WORDS.items():
+    yield f"Is the red circle {words} the blue square? Yes, the red circle is {words} the " \
+          "blue square. No, the red circle is not " + words + " the blue square."
+    yield f"Which object is {words} the green star? The orange triangle is {words} it."
+    yield f"What is the opposite of {rel}? {world.OPPOSITE[rel]}"
+  for size in world.SIZES:
+    yield f"What is the opposite of {size}? {world.OPPOSITE[size]}"
+  for n in NUMBERS:
+    yield f"How many objects are there? There are {n} objects. {n}"
+  yield "Yes No yes no"
+  yield "Describe the image. What objects are in the image?"
+  for _ in range(200):  # whole-scene captions, with commas and "and"
+    scene = world.sample_scene(rng)
+    yield _cap(grammar.text(scene_caption(scene, rng))) + "."
+  yield "<image>\n" + VQA_SUFFIX.strip()
+  # Evaluation prompts of SPEC §9.
+  yield ("Which caption best describes the image?\n(A) a red circle\n (B) a blue square\n"
+         "Answer with the option's alphabet from the given choices directly.")
+  yield 'Does this figure show "a red circle"? Please answer yes or no.'

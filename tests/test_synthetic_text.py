@@ -1,0 +1,280 @@
+"""Texts of the synthetic world are true of their scenes; negatives are false.
+
+Captions are checked by a parser written here from the caption strings alone (not the
+generator's own meaning structures), against the scene's geometry.
+"""
+import collections
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from cdx.data.synthetic import text
+from cdx.data.synthetic import world
+
+SEED = 7
+N = 40
+RELS = {"to the left of": "left", "to the right of": "right", "above": "above",
+        "below": "below"}
+HELD = world.heldout_combos()
+SEEN, HELDOUT = text.Pool.seen(), text.Pool.heldout()
+
+
+# ---------------------------------------------------------------------------------------
+# An independent reading of captions.
+
+def parse_np(s):
+  words = s.split()
+  assert words[0] in ("a", "an"), s
+  assert words[0] == ("an" if words[1][0] in "aeiou" else "a"), s
+  *attrs, shape = words[1:]
+  assert shape in world.SHAPES, s
+  size = next((w for w in attrs if w in world.SIZES), None)
+  color = next((w for w in attrs if w in world.COLORS), None)
+  assert len(attrs) == (size is not None) + (color is not None), s
+  return shape, color, size
+
+
+def parse(caption):
+  """-> list of (np,) or (np, rel, np) items."""
+  items = []
+  for part in re.split(r", | and ", caption):
+    for words, rel in RELS.items():
+      if f" {words} " in part:
+        a, b = part.split(f" {words} ")
+        items.append((parse_np(a), rel, parse_np(b)))
+        break
+    else:
+      items.append((parse_np(part),))
+  return items
+
+
+def geometric(a, rel, b, margin):
+  d = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[rel]
+  return d > margin
+
+
+def holds(caption, scene, margin):
+  """Existential truth; margin 0.05 = clearly true, margin -0.05 = not clearly false."""
+  items = parse(caption)
+  nps = [n for it in items for n in (it[::2] if len(it) == 3 else it)]
+  def fits(n, o):
+    shape, color, size = n
+    return o.shape == shape and color in (None, o.color) and size in (None, o.size)
+  for perm in itertools.permutations(scene.objects, len(nps)):
+    if not all(fits(n, o) for n, o in zip(nps, perm)):
+      continue
+    k, ok = 0, True
+    for it in items:
+      if len(it) == 3:
+        ok = ok and geometric(perm[k], it[1], perm[k + 1], margin)
+      k += len(it) - (len(it) == 3)
+    if ok:
+      return True
+  return False
+
+
+def clearly_true(c, s):
+  return holds(c, s, 0.05)
+
+
+def clearly_false(c, s):
+  return not holds(c, s, -0.05)
+
+
+def content_words(s):
+  return [w for w in re.findall(r"[a-z]+", s.lower()) if w not in ("a", "an")]
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_pretrain_captions_are_true_and_deterministic():
+  for i in range(N):
+    rec, scene = text.pretrain_record(i, SEED, SEEN)
+    assert rec == text.pretrain_record(i, SEED, SEEN)[0]
+    conv = rec["conversations"]
+    assert [t["from"] for t in conv] == ["human", "gpt"] and conv[0]["value"] == "<image>"
+    assert clearly_true(conv[1]["value"], scene)
+    # The caption names every object of the scene.
+    assert len(parse(conv[1]["value"])) == len(scene.objects) - (len(scene.objects) > 1)
+  assert ([text.pretrain_record(i, SEED, SEEN)[0] for i in range(N)]
+          != [text.pretrain_record(i, SEED + 1, SEEN)[0] for i in range(N)])
+
+
+def answer_of(question, scene):
+  """Recomputes a short answer from the question text and the scene."""
+  q = question.removeprefix("<image>\n").removesuffix(text.VQA_SUFFIX)
+  objs = scene.objects
+  def find(desc):
+    ws = desc.split()
+    hits = [o for o in objs if o.shape == ws[-1]
+            and all(w in (o.color, o.size) for w in ws[:-1])]
+    assert len(hits) == 1, (q, desc)
+    return hits[0]
+  if m := re.fullmatch(r"What color is the (.+)\?", q):
+    return find(m[1]).color
+  if m := re.fullmatch(r"What shape is the (.+) object\?", q):
+    hits = [o for o in objs if all(w in (o.color, o.size) for w in m[1].split())]
+    assert len(hits) == 1
+    return hits[0].shape
+  if m := re.fullmatch(r"Is the (.+) small or large\?", q):
+    return find(m[1]).size
+  if m := re.fullmatch(r"How many (.+) are there\?", q):
+    word = m[1]
+    if word == "objects":
+      return str(len(objs))
+    if word.endswith(" objects"):
+      return str(sum(o.color == word.split()[0] for o in objs))
+    return str(sum(world.PLURALS[o.shape] == word for o in objs))
+  if m := re.fullmatch(r"Is there (an? .+) in the image\?", q):
+    return "Yes" if clearly_true(m[1], scene) else "No"
+  for words, rel in RELS.items():
+    if m := re.fullmatch(rf"Is the (.+) {words} the (.+)\?", q):
+      a, b = find(m[1]), find(m[2])
+      assert geometric(a, rel, b, 0.05) or geometric(b, rel, a, 0.05) or \
+          geometric(a, world.OPPOSITE[rel], b, 0.05)  # never borderline
+      return "Yes" if geometric(a, rel, b, 0.05) else "No"
+    if m := re.fullmatch(rf"Which object is {words} the (.+)\?", q):
+      b = find(m[1])
+      hits = [o for o in objs if o is not b and geometric(o, rel, b, 0.05)]
+      assert len(hits) == 1
+      assert all(not geometric(o, rel, b, -0.05) for o in objs if o not in (b, hits[0]))
+      return f"{hits[0].color} {hits[0].shape}"
+  raise AssertionError(f"unknown question {q!r}")
+
+
+def test_instruct_answers_are_true():
+  kinds = collections.Counter()
+  for i in range(150):
+    rec, scene = text.instruct_record(i, SEED, SEEN, text_only_frac=0.1)
+    conv = rec["conversations"]
+    assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+    assert 1 <= len(conv) // 2 <= 3
+    if scene is None:
+      kinds["text_only"] += 1
+      assert "image" not in rec and "<image>" not in conv[0]["value"]
+      continue
+    assert rec["image"].endswith(f"{i:06d}.png")
+    assert conv[0]["value"].startswith("<image>\n")
+    assert all("<image>" not in t["value"] for t in conv[1:])
+    for q, a in zip(conv[::2], conv[1::2]):
+      q, a = q["value"], a["value"]
+      if q.endswith(text.VQA_SUFFIX):
+        kinds["short"] += 1
+        assert a == answer_of(q, scene), q
+      elif q.endswith(("Describe the image.", "What objects are in the image?")):
+        kinds["describe"] += 1
+        assert a.endswith(".") and clearly_true(a[0].lower() + a[1:-1], scene)
+      else:
+        kinds["long"] += 1
+        short = answer_of(q, scene)
+        assert short.lower() in a.lower(), (q, a)
+  assert min(kinds[k] for k in ("text_only", "short", "describe", "long")) > 0, kinds
+
+
+@pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
+def test_vqa_answers_are_true(pool):
+  cats = set()
+  for i in range(N):
+    item, scene = text.vqa_item(i, SEED, pool, "img")
+    assert item["text"].endswith(text.VQA_SUFFIX)
+    assert item["answer"] == answer_of(item["text"], scene)
+    assert len(item["answer"].split()) <= 2
+    cats.add(item["category"])
+    if pool is HELDOUT:
+      assert scene.objects[0].combo in HELD
+  assert len(cats) >= 5
+
+
+def _diff(pos, neg):
+  return [(a, b) for a, b in zip(content_words(pos), content_words(neg)) if a != b]
+
+
+@pytest.mark.parametrize("subset", text.SUGARCREPE_SUBSETS)
+@pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
+def test_sugarcrepe_negatives_are_false_and_differ_as_intended(subset, pool):
+  for i in range(N):
+    item, scene = text.sugarcrepe_item(subset, i, SEED, pool, "img")
+    pos, neg = item["caption"], item["negative_caption"]
+    assert item["filename"] == f"img/{subset}_{i:06d}.png"
+    assert clearly_true(pos, scene), (subset, pos)
+    assert clearly_false(neg, scene), (subset, neg, scene)
+    p, n = content_words(pos), content_words(neg)
+    if subset in ("swap_obj", "swap_att"):
+      assert sorted(p) == sorted(n) and p != n
+    if subset == "swap_obj":
+      (a, rel, b), = parse(pos)
+      assert parse(neg) == [(b, rel, a)]
+    elif subset == "swap_att":
+      assert all(x in world.COLORS or x in world.SIZES for d in _diff(pos, neg) for x in d)
+    elif subset == "replace_obj":
+      (a, b), = _diff(pos, neg)
+      assert a in world.SHAPES and b in world.SHAPES and len(p) == len(n)
+    elif subset == "replace_att":
+      (a, b), = _diff(pos, neg)
+      assert len(p) == len(n)
+      assert {a, b} <= set(world.COLORS) or {a, b} <= set(world.SIZES)
+    elif subset == "replace_rel":
+      (a, r, b), = parse(pos)
+      assert parse(neg) == [(a, world.OPPOSITE[r], b)]
+    elif subset == "add_obj":
+      added = collections.Counter(n) - collections.Counter(p)
+      assert neg.startswith(pos.split(" and ")[0]) and len(parse(neg)) == len(parse(pos)) + 1
+      assert sum(w in world.SHAPES for w in added.elements()) == 1
+    elif subset == "add_att":
+      added = collections.Counter(n) - collections.Counter(p)
+      assert len(n) == len(p) + 1 and sum(added.values()) == 1
+      assert next(iter(added)) in set(world.COLORS) | set(world.SIZES)
+    if pool is HELDOUT:  # built around a held-out pair that the positive names
+      o = scene.objects[0]
+      assert o.combo in HELD and f"{o.color} {o.shape}" in pos
+    else:
+      for c in (pos, neg):
+        assert not any(f"{col} {shape}" in c for col, shape in HELD), c
+
+
+@pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
+def test_winoground_pairs(pool):
+  tags = set()
+  for i in range(N):
+    item, (s0, s1) = text.winoground_item(i, SEED, pool, "img")
+    c0, c1 = item["caption_0"], item["caption_1"]
+    tags.add(item["tag"])
+    assert c0 != c1 and sorted(content_words(c0)) == sorted(content_words(c1))
+    assert clearly_true(c0, s0) and clearly_false(c0, s1)
+    assert clearly_true(c1, s1) and clearly_false(c1, s0)
+    assert item["image_0"] != item["image_1"]
+    if pool is HELDOUT:
+      assert s0.objects[0].combo in HELD
+  assert tags == {"relation", "attribute"}
+
+
+def test_training_data_never_shows_heldout_combos():
+  held_phrases = [f"{c} {s}" for c, s in HELD]
+  for i in range(300):
+    for rec, scene in (text.pretrain_record(i, SEED, SEEN),
+                       text.instruct_record(i, SEED, SEEN)):
+      if scene is not None:
+        assert not {o.combo for o in scene.objects} & HELD
+      for turn in rec["conversations"]:
+        v = turn["value"].lower()
+        assert not any(p in v for p in held_phrases), v
+
+
+def test_corpus_covers_every_word():
+  vocab = set()
+  for t in text.corpus():
+    vocab |= set(re.findall(r"\w+|[^\w\s]", t))
+  said = set()
+  for i in range(60):
+    for rec, _ in (text.pretrain_record(i, SEED, SEEN), text.instruct_record(i, SEED, SEEN)):
+      for turn in rec["conversations"]:
+        said |= set(re.findall(r"\w+|[^\w\s]", turn["value"]))
+    for pool in (SEEN, HELDOUT):
+      said |= set(re.findall(r"\w+|[^\w\s]", text.vqa_item(i, SEED, pool, "x")[0]["text"]))
+      for subset in text.SUGARCREPE_SUBSETS:
+        item = text.sugarcrepe_item(subset, i, SEED, pool, "x")[0]
+        said |= set(re.findall(r"\w+|[^\w\s]", item["caption"] + " " + item["negative_caption"]))
+  assert said <= vocab, said - vocab
+  assert set(world.SHAPES) | set(world.COLORS) | set(world.SIZES) <= vocab
