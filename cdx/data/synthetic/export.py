@@ -119,6 +119,31 @@ def export(out: str, num_train: int, seed: int, num_eval: int = 200, size: int =
   return times
 
 
+def ensure(out: str, num_train: int, seed: int, vocab_size: int, num_eval: int = 100,
+           size: int = 64) -> str:
+  """Exports the world and trains its tokenizer into `out` unless already there.
+
+  Returns the tokenizer dir. `out/READY` (written last, holding the arguments) marks a
+  complete export; a different request for the same folder is an error, not a silent reuse.
+  """
+  from cdx.data import tokenizer as tokenizer_lib  # The tokenizer is data-layer generic.
+  want = {"num_train": num_train, "seed": seed, "vocab_size": vocab_size,
+          "num_eval": num_eval, "size": size}
+  marker, tok_dir = os.path.join(out, "READY"), os.path.join(out, "tokenizer")
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      have = json.load(f)
+    if have != want:
+      raise ValueError(f"{out} holds a synthetic export made with {have}, but {want} was "
+                       "asked for: use another --workdir or delete that folder.")
+    return tok_dir
+  export(out, num_train, seed, num_eval=num_eval, size=size)
+  tokenizer_lib.build_tokenizer(text.corpus(), tok_dir, vocab_size=vocab_size)
+  _dump(want, marker + ".tmp")
+  os.replace(marker + ".tmp", marker)
+  return tok_dir
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="output directory")
