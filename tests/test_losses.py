@@ -388,3 +388,21 @@ def test_attention_cosine_metric():
   want = [(s[k, 0].ravel() @ t[k, 0].ravel()) / np.linalg.norm(s[k, 0])
           / np.linalg.norm(t[k, 0]) for k in range(3)]
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_chunked_backward_never_holds_full_logits(compact):
+  b, length, d, v, chunk = 1, 1024, 8, 2048, 16
+  hs, w = jnp.ones((b, length, d)), jnp.ones((d, v))
+  labels = jnp.full((b, length), 5, jnp.int32)
+
+  def loss(hs, w):
+    sums = losses.lm_kd_chunked(hs, w, hs, w, labels, chunk, compact=compact)
+    return sums.lm_sum + sums.kd_sum
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hs, w).compile()
+  stats = compiled.memory_analysis()
+  if stats is None:
+    pytest.skip("backend gives no memory analysis")
+  full_logits = 2 * b * length * v * 4  # student + teacher, float32
+  assert stats.temp_size_in_bytes < full_logits / 8

@@ -246,18 +246,19 @@ def lm_kd_chunked(student_hidden: jax.Array, student_head: jax.Array,
       kd_sum = jnp.where(x["kd"], per_pos, 0.0).sum()
     return lm_sum, kd_sum
 
-  chunk_sums = jax.checkpoint(chunk_sums, prevent_cse=False)
-
   def skip(x, s_head, t_head):
     del x, s_head, t_head
     return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
+  def maybe_chunk_sums(x, s_head, t_head):
+    any_used = jnp.any(x["tgt"] != IGNORE) | jnp.any(x["kd"])
+    return jax.lax.cond(any_used, chunk_sums, skip, x, s_head, t_head)
+
+  # Remat around the cond too: a checkpoint inside a cond still saves the branch's logits.
+  step = jax.checkpoint(maybe_chunk_sums if compact else chunk_sums, prevent_cse=False)
+
   def body(carry, x):
-    if compact:
-      any_used = jnp.any(x["tgt"] != IGNORE) | jnp.any(x["kd"])
-      sums = jax.lax.cond(any_used, chunk_sums, skip, x, student_head, teacher_head)
-    else:
-      sums = chunk_sums(x, student_head, teacher_head)
+    sums = step(x, student_head, teacher_head)
     return (carry[0] + sums[0], carry[1] + sums[1]), None
 
   zero = jnp.zeros((), jnp.float32)
