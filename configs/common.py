@@ -147,8 +147,10 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       attn_variant="official", chunk_size=128 if tiny else 256,
   ))
   c.layers = ml_collections.ConfigDict(dict(
-      strategy="official",  # official | simple | adaptive
-      student=(), teacher=(),  # Explicit lists override the strategy (teacher: groups).
+      strategy="group",  # group (official, SPEC §6) | simple | adaptive
+      # Explicit lists override the strategy, e.g. student_layers=(8,9),
+      # teacher_groups=((13,14),(15,16)).
+      student_layers=(), teacher_groups=(),
   ))
 
   # Data (SPEC §3–4).

@@ -112,23 +112,23 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
     t_hidden = jax.lax.stop_gradient(t_hidden)
     t_head = jax.lax.stop_gradient(mllm.lm_head_kernel(teacher_cfg, t_params))
 
+  kd_options = losses.KDOptions(temperature=obj.kd_temperature, kind=obj.kd_kind,
+                                beta=obj.kd_beta, mask=obj.kd_mask)
   sums = losses.lm_kd_chunked(
       s_hidden, mllm.lm_head_kernel(student_cfg, params),
       t_hidden if obj.kd > 0 else None, t_head if obj.kd > 0 else None, labels,
-      chunk_size=obj.chunk_size, temperature=obj.kd_temperature, kind=obj.kd_kind,
-      beta=obj.kd_beta, mask=obj.kd_mask)
-  lm_loss = sums["lm_sum"] / jnp.maximum(sums["lm_count"], 1)
+      chunk_size=obj.chunk_size, kd_options=kd_options)
+  lm_loss = sums.lm_sum / jnp.maximum(sums.lm_count, 1)
   total = obj.lm * lm_loss
   metrics["lm"] = lm_loss
-  metrics["tokens"] = sums["lm_count"]
+  metrics["tokens"] = sums.lm_count
   if obj.kd > 0:
-    kd_loss = sums["kd_sum"] / jnp.maximum(sums["kd_count"], 1)
+    kd_loss = sums.kd_sum / jnp.maximum(sums.kd_count, 1)
     total = total + obj.kd * kd_loss
     metrics["kd"] = kd_loss
   if obj.attn > 0:
-    pos = {l: i for i, l in enumerate(obj.teacher_layers)}
-    groups = tuple(tuple(pos[l] for l in g) for g in obj.teacher_groups)
-    t_attn = losses.teacher_group_average(jax.lax.stop_gradient(t_inter["visual_attn"]), groups)
+    t_attn = losses.teacher_group_average(jax.lax.stop_gradient(t_inter["visual_attn"]),
+                                          obj.teacher_groups, obj.teacher_layers)
     s_attn = s_inter["visual_attn"]
     attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
                                                 variant=obj.attn_variant)
