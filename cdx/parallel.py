@@ -55,7 +55,8 @@ _ATTN_OUT = r"attn/o"
 _MLP_IN = r"mlp/(gate|up)"
 _MLP_OUT = r"mlp/down"
 
-# Default rules for the LLaVA tree of docs/ARCHITECTURE.md. The vision tower uses the same
+# Default rules for the LLaVA tree of docs/ARCHITECTURE.md, also under a prefix such as
+# "params/" or "lora/" (a train state). The vision tower uses the same
 # layer names under `vision/` (fc1/fc2 for its MLP); adapter and post-connector are small
 # and shard their wide dim only.
 DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
@@ -75,11 +76,11 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (rf".*/({_MLP_IN}|mlp/fc1)/kernel", ("embed", "mlp")),
     (r".*/mlp/fc1/bias", ("mlp",)),
     (rf".*/({_MLP_OUT}|mlp/fc2)/kernel", ("mlp", "embed")),
-    (r"llm/embed/embedding", ("vocab", "embed")),
-    (r"llm/lm_head/kernel", ("embed", "vocab")),
+    (r"(.*/)?llm/embed/embedding", ("vocab", "embed")),
+    (r"(.*/)?llm/lm_head/kernel", ("embed", "vocab")),
     # Adapter (vision -> LLM) and TAF post-connector: shard the output (LLM) dim.
-    (r"(adapter|post)(/.*)?/kernel", (None, "mlp")),
-    (r"(adapter|post)(/.*)?/bias", ("mlp",)),
+    (r"(.*/)?(adapter|post)(/.*)?/kernel", (None, "mlp")),
+    (r"(.*/)?(adapter|post)(/.*)?/bias", ("mlp",)),
     # Norm scales/biases and everything else: replicated.
     (r".*", None),
 )
@@ -163,6 +164,15 @@ def param_shardings(tree: PyTree, mesh: Mesh,
   specs = param_specs(tree, mesh, rules, axis_map)
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(state: PyTree, param_sh: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings for an optimizer state: subtrees shaped like the params (Adam's mu/nu)
+  reuse `param_sh`; everything else (step counts, flags) is replicated."""
+  pdef = jax.tree_util.tree_structure(param_sh)
+  like_params = lambda x: jax.tree_util.tree_structure(x) == pdef
+  return jax.tree_util.tree_map(
+      lambda x: param_sh if like_params(x) else replicated(mesh), state, is_leaf=like_params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
