@@ -230,8 +230,27 @@ def initialize(cpu_collectives: str | None = None) -> bool:
   return True
 
 
-def process_batch_slice(global_batch: int) -> slice:
-  """This process's rows of a global batch (contiguous block, process order)."""
+def process_batch_slice(global_batch: int, mesh: Mesh | None = None) -> slice:
+  """This process's rows of a global batch.
+
+  With a mesh: the rows that `batch_sharding(mesh)` places on this process's devices
+  (correct even when a process's devices hold replicated rows, e.g. tensor parallelism
+  across hosts). Without: an even contiguous split in process order.
+  """
+  if mesh is not None:
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if global_batch % shards:
+      raise ValueError(f"global batch {global_batch} is not divisible by the mesh's batch "
+                       f"shards data*fsdp = {shards}.")
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    rows = sorted({(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
+                   for idx in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start:
+      raise ValueError(f"this process's batch rows {rows} are not one contiguous block; "
+                       "build the mesh with make_mesh (devices ordered by process).")
+    return slice(start, stop)
   n, i = jax.process_count(), jax.process_index()
   if global_batch % n:
     raise ValueError(f"global batch {global_batch} is not divisible by the process count {n}.")
@@ -239,12 +258,10 @@ def process_batch_slice(global_batch: int) -> slice:
   return slice(i * per, (i + 1) * per)
 
 
-def global_batch_array(local: PyTree, mesh: Mesh) -> PyTree:
-  """Assembles per-process rows (`process_batch_slice`) into global batch-sharded arrays.
-
-  Requires the mesh's device order to give each process a contiguous block of the batch
-  axis, which holds for `make_mesh` (devices are ordered by process).
-  """
+def global_batch_array(local: PyTree, mesh: Mesh, global_batch: int) -> PyTree:
+  """Assembles per-process rows (`process_batch_slice(global_batch, mesh)`) into global
+  arrays sharded by `batch_sharding(mesh)`; single-process it is a plain device_put."""
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+      lambda x: jax.make_array_from_process_local_data(
+          sharding, np.asarray(x), (global_batch,) + np.shape(x)[1:]), local)

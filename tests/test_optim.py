@@ -153,6 +153,14 @@ def test_gradient_accumulation_equals_full_batch():
     O.split_microbatches(batch, 3)
 
 
+def test_without_skip_wrapper_loss_kwarg_is_accepted():
+  t = tree()
+  tx = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "skip_nonfinite": False}, 10, t)
+  bad = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), t)
+  u, _ = tx.update(bad, tx.init(t), t, loss=jnp.float32(1.0))
+  assert np.isnan(np.asarray(u["adapter"]["fc1"]["kernel"])).all()  # nothing guards it
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="needs `lr`"):
     O.make_optimizer({}, 10, tree())

@@ -169,6 +169,13 @@ def test_single_process_helpers(monkeypatch):
     monkeypatch.delenv(k, raising=False)
   assert parallel.initialize() is False
   assert parallel.process_batch_slice(12) == slice(0, 12)
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.process_batch_slice(12, parallel.make_mesh(8, 1, 1))
+  mesh = parallel.make_mesh(2, 2, 2)
+  assert parallel.process_batch_slice(16, mesh) == slice(0, 16)
+  arr = parallel.global_batch_array({"x": np.arange(32).reshape(16, 2)}, mesh, 16)["x"]
+  assert arr.sharding.spec == PS(("data", "fsdp"))
+  np.testing.assert_array_equal(arr, np.arange(32).reshape(16, 2))
   monkeypatch.setenv("CDX_NUM_PROCESSES", "2")
   with pytest.raises(ValueError, match="set all of CDX_COORDINATOR"):
     parallel.initialize()
@@ -182,8 +189,8 @@ mesh = parallel.make_mesh(-1, 1, 1)
 rng = np.random.default_rng(0)
 x = rng.normal(size=(8, 5)).astype(np.float32)
 w = rng.normal(size=(5, 3)).astype(np.float32)
-rows = parallel.process_batch_slice(8)
-gx = parallel.global_batch_array({"x": x[rows]}, mesh)["x"]
+rows = parallel.process_batch_slice(8, mesh)
+gx = parallel.global_batch_array({"x": x[rows]}, mesh, 8)["x"]
 loss_fn = lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2)
 rep = parallel.replicated(mesh)
 loss, g = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(rep, rep))(w, gx)
@@ -192,14 +199,16 @@ emit({"loss": float(loss), "grad": np.asarray(g).tolist(), "rows": [rows.start, 
 """
 
 
-def test_two_processes_match_one():
+@pytest.mark.parametrize("local_devices,rows", [((2, 2), [[0, 4], [4, 8]]),
+                                                ((1, 3), [[0, 2], [2, 8]])])
+def test_two_processes_match_one(local_devices, rows):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(8, 5)).astype(np.float32)
   w = rng.normal(size=(5, 3)).astype(np.float32)
   loss_fn = lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2)
   ref_loss, ref_g = jax.value_and_grad(loss_fn)(w, x)
-  results = run_workers(_WORKER, local_devices=(2, 2))
-  assert [r["rows"] for r in results] == [[0, 4], [4, 8]]
+  results = run_workers(_WORKER, local_devices=local_devices)
+  assert [r["rows"] for r in results] == rows
   for r in results:
     assert r["devices"] == 4 and r["processes"] == 2
     np.testing.assert_allclose(r["loss"], float(ref_loss), rtol=1e-6)
