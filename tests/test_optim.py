@@ -44,7 +44,7 @@ def test_schedule_warmup_then_cosine_to_zero():
 
 def test_matches_reference_adamw_with_clipping():
   t = tree()
-  tx = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "grad_clip": 1.0}, 10, t)
+  tx = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "clip_norm": 1.0}, 10, t)
   ref = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(O.lr_schedule(1e-2, 10, 0), weight_decay=0.0))
   s, rs = tx.init(t), ref.init(t)
@@ -58,7 +58,7 @@ def test_matches_reference_adamw_with_clipping():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert int(s.skipped) == 0
   # Clipping really acts: without it the result differs.
-  tx2 = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "grad_clip": 0}, 10, t)
+  tx2 = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "clip_norm": 0}, 10, t)
   # Adam's first step is scale-free, so compare after a large then a small gradient.
   big = jax.tree_util.tree_map(lambda x: 100 * x, grads_like(t))
   small = jax.tree_util.tree_map(lambda x: 0.01 * x, grads_like(t, 5))
@@ -146,10 +146,11 @@ def test_gradient_accumulation_equals_full_batch():
   batch = {"x": x, "y": y}
   micro = O.split_microbatches(batch, 4)
   assert micro["x"].shape == (4, 2, 3)
+  np.testing.assert_array_equal(micro["x"][1], np.asarray(x)[[1, 5]])  # strided: rows 1 and 5
   g, aux = jax.jit(lambda p, m: O.accumulate_gradients(grad_fn, p, m))(w, micro)
   np.testing.assert_allclose(g["kernel"], jax.grad(loss)(w, batch)["kernel"], rtol=1e-5)
   np.testing.assert_allclose(aux["loss"], loss(w, batch), rtol=1e-5)
-  with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
+  with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
     O.split_microbatches(batch, 3)
 
 
@@ -159,6 +160,21 @@ def test_without_skip_wrapper_loss_kwarg_is_accepted():
   bad = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), t)
   u, _ = tx.update(bad, tx.init(t), t, loss=jnp.float32(1.0))
   assert np.isnan(np.asarray(u["adapter"]["fc1"]["kernel"])).all()  # nothing guards it
+
+
+def test_schedule_kinds_and_repo_config_fields():
+  lin = O.learning_rate_schedule({"lr": 1.0, "warmup_steps": 0, "schedule": "linear"}, 10)
+  const = O.learning_rate_schedule({"lr": 1.0, "warmup_steps": 2, "schedule": "constant"}, 10)
+  np.testing.assert_allclose([float(lin(s)) for s in (0, 5, 10)], [1.0, 0.5, 0.0], atol=1e-6)
+  np.testing.assert_allclose([float(const(s)) for s in (1, 2, 9)], [0.5, 1.0, 1.0])
+  cfg = ml_collections.ConfigDict(dict(
+      lr=2e-4, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.999,
+      eps=1e-8, clip_norm=1.0, skip_nonfinite=True, max_nonfinite=100))
+  t = tree()
+  tx = O.make_optimizer(cfg, 100, t)
+  assert isinstance(tx.init(t), O.OptState)
+  with pytest.raises(ValueError, match="schedule='cos'"):
+    O.make_optimizer({"lr": 1.0, "schedule": "cos"}, 10, t)
 
 
 def test_config_errors():

@@ -5,17 +5,20 @@
   updates, opt_state = tx.update(grads, opt_state, trainable, loss=loss)
   trainable = optax.apply_updates(trainable, updates)
 
-Config fields (a dict, ConfigDict or keyword args; defaults = SPEC §7):
+Config fields (a dict, ConfigDict — e.g. `config.optim` of configs/common.py — or keyword
+args; defaults = SPEC §7):
   lr (required), b1 .9, b2 .999, eps 1e-8, weight_decay 0.0,
   no_decay rules (default: biases, norm scales, embeddings), warmup_ratio .03 (or
-  warmup_steps), grad_clip 1.0 (0/None = off), lr_groups ((regex, multiplier), ...),
-  skip_nonfinite True.
+  warmup_steps), schedule "cosine" | "linear" | "constant" (after warmup), clip_norm 1.0
+  (0/None = off), lr_groups ((regex, multiplier), ...), skip_nonfinite True,
+  max_nonfinite (read by the loop, ignored here).
 
 Schedule: linear warmup 0 → lr over ceil(warmup_ratio · total) steps, then cosine to 0 at
 `total_steps` (HF `get_cosine_schedule_with_warmup`). Steps count optimizer updates.
 
 Gradient accumulation is done *before* the optimizer, not with `optax.MultiSteps`: the step
-receives a batch with a leading micro-batch axis ``[A, B/A, ...]`` (`split_microbatches`)
+receives a batch with a leading micro-batch axis ``[A, B/A, ...]`` (`split_microbatches`,
+strided so that every micro-batch keeps rows on every device of a batch-sharded mesh)
 and `accumulate_gradients` scans over it, averaging grads and metrics; the optimizer then
 sees one update per global batch. So one jitted call = one optimizer step, the schedule
 counts real updates, and there is no extra accumulator in the optimizer state. Micro-batches
@@ -42,8 +45,9 @@ PyTree = Any
 DEFAULT_NO_DECAY: tuple[P.Rule, ...] = (r".*/bias", r".*/scale", r".*norm.*", r".*/embedding")
 
 _DEFAULTS = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, no_decay=DEFAULT_NO_DECAY,
-                 warmup_ratio=0.03, warmup_steps=None, grad_clip=1.0, lr_groups=(),
-                 skip_nonfinite=True)
+                 warmup_ratio=0.03, warmup_steps=None, schedule="cosine", clip_norm=1.0,
+                 lr_groups=(), skip_nonfinite=True, max_nonfinite=None)
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _read_cfg(cfg: Any, overrides: Mapping[str, Any]) -> dict:
@@ -63,6 +67,8 @@ def _read_cfg(cfg: Any, overrides: Mapping[str, Any]) -> dict:
                      f"{sorted(set(_DEFAULTS) | {'lr'})}.")
   if "lr" not in given:
     raise ValueError("optimizer config needs `lr` (peak learning rate).")
+  if given.get("schedule", "cosine") not in SCHEDULES:
+    raise ValueError(f"optimizer schedule={given['schedule']!r}; choose one of {SCHEDULES}.")
   return {**_DEFAULTS, **given}
 
 
@@ -72,8 +78,10 @@ def warmup_steps(cfg: Mapping[str, Any], total_steps: int) -> int:
   return int(math.ceil(cfg["warmup_ratio"] * total_steps))
 
 
-def lr_schedule(peak: float, total_steps: int, warmup: int) -> Callable[[Any], jax.Array]:
-  """step -> lr: linear 0 → peak over `warmup` steps, then cosine → 0 at `total_steps`."""
+def lr_schedule(peak: float, total_steps: int, warmup: int,
+                kind: str = "cosine") -> Callable[[Any], jax.Array]:
+  """step -> lr: linear 0 → peak over `warmup` steps, then `kind` ("cosine" or "linear"
+  down to 0 at `total_steps`, or "constant")."""
   if total_steps < 1:
     raise ValueError(f"total_steps={total_steps} must be >= 1.")
   if not 0 <= warmup <= total_steps:
@@ -83,7 +91,12 @@ def lr_schedule(peak: float, total_steps: int, warmup: int) -> Callable[[Any], j
     step = jnp.asarray(step, jnp.float32)
     warm = peak * step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-    decay = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    if kind == "cosine":
+      decay = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    elif kind == "linear":
+      decay = peak * (1.0 - progress)
+    else:
+      decay = jnp.full_like(progress, peak)
     return jnp.where(step < warmup, warm, decay)
 
   return schedule
@@ -92,7 +105,7 @@ def lr_schedule(peak: float, total_steps: int, warmup: int) -> Callable[[Any], j
 def learning_rate_schedule(cfg: Any, total_steps: int, **overrides) -> Callable:
   """The schedule `make_optimizer` uses, for logging the lr."""
   c = _read_cfg(cfg, overrides)
-  return lr_schedule(float(c["lr"]), total_steps, warmup_steps(c, total_steps))
+  return lr_schedule(float(c["lr"]), total_steps, warmup_steps(c, total_steps), c["schedule"])
 
 
 def _lr_multipliers(tree: PyTree, groups) -> PyTree:
@@ -158,12 +171,13 @@ def make_optimizer(cfg: Any, total_steps: int, trainable_tree: PyTree,
   and lr groups); arrays or `jax.ShapeDtypeStruct`s both work.
   """
   c = _read_cfg(cfg, overrides)
-  schedule = lr_schedule(float(c["lr"]), total_steps, warmup_steps(c, total_steps))
+  schedule = lr_schedule(float(c["lr"]), total_steps, warmup_steps(c, total_steps),
+                         c["schedule"])
   decay_mask = jax.tree_util.tree_map(lambda no: not no,
                                       P.select(trainable_tree, c["no_decay"]))
   parts = []
-  if c["grad_clip"]:
-    parts.append(optax.clip_by_global_norm(float(c["grad_clip"])))
+  if c["clip_norm"]:
+    parts.append(optax.clip_by_global_norm(float(c["clip_norm"])))
   parts.append(optax.adamw(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"],
                            weight_decay=float(c["weight_decay"]), mask=decay_mask))
   if c["lr_groups"]:
@@ -175,15 +189,19 @@ def make_optimizer(cfg: Any, total_steps: int, trainable_tree: PyTree,
 
 
 def split_microbatches(batch: PyTree, num: int) -> PyTree:
-  """[B, ...] leaves -> [num, B/num, ...]; raises if B is not divisible by `num`."""
+  """[B, ...] leaves -> [num, B/num, ...], row i*num + j going to micro-batch j.
+
+  Strided, not contiguous: with the batch sharded over devices each micro-batch still
+  holds rows of every device, so no data moves. Raises if B is not divisible by `num`.
+  """
 
   def split(x):
     if x.shape[0] % num:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={num}.")
-    return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={num}.")
+    return x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
 
   if num < 1:
-    raise ValueError(f"grad_accum={num} must be >= 1.")
+    raise ValueError(f"micro_batches={num} must be >= 1.")
   return jax.tree_util.tree_map(split, batch)
 
 
