@@ -96,6 +96,17 @@ def test_default_specs_on_2x2x2():
   assert lq == {"a": PS("fsdp", None), "b": PS(None, "tensor")}
   ld = specs["lora"]["llm"]["layers_0"]["mlp"]["down"]["kernel"]
   assert ld == {"a": PS("tensor", None), "b": PS(None, "fsdp")}
+  # The same rules shard a whole train state (step.py layout), Adam moments included.
+  diff = (tree, lora)
+  tx = O.make_optimizer({"lr": 1e-3}, 10, jax.eval_shape(lambda: diff))
+  state = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": tree,
+                                  "lora": lora, "opt": tx.init(diff)})
+  st = parallel.param_specs(state, mesh)
+  mu = st["opt"].inner[1][0].mu
+  assert mu[0]["llm"]["layers_0"]["attn"]["q"]["kernel"] == PS("fsdp", "tensor")
+  assert mu[1]["llm"]["layers_0"]["mlp"]["down"]["kernel"]["b"] == PS(None, "fsdp")
+  assert st["params"]["llm"]["lm_head"]["kernel"] == PS("fsdp", "tensor")
+  assert st["step"] == PS()
   sh = parallel.param_shardings(tree, mesh)
   assert isinstance(sh["llm"]["lm_head"]["kernel"], NamedSharding)
   assert parallel.batch_sharding(mesh).spec == PS(("data", "fsdp"))
