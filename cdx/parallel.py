@@ -18,8 +18,9 @@ shards like the kernel's input dim, ``.../kernel/b [r, out]`` like its output di
 Multi-host: `initialize()` calls `jax.distributed.initialize` when the environment names
 several processes (CDX_COORDINATOR/CDX_NUM_PROCESSES/CDX_PROCESS_ID, SLURM with more than
 one task, or a multi-host TPU slice) and is a no-op otherwise. Each process loads the rows
-`process_batch_slice(global_batch)` of the global batch and `global_batch_array` assembles
-the global jax.Array from them.
+`process_batch_slice(global_batch, mesh)` of the global batch and `global_batch_array`
+assembles the global jax.Array from them. The same rules shard a whole train state: Adam's
+mu/nu have their param's path as a suffix, so they shard like it.
 """
 from __future__ import annotations
 
@@ -56,9 +57,8 @@ _MLP_IN = r"mlp/(gate|up)"
 _MLP_OUT = r"mlp/down"
 
 # Default rules for the LLaVA tree of docs/ARCHITECTURE.md, also under a prefix such as
-# "params/" or "lora/" (a train state). The vision tower uses the same
-# layer names under `vision/` (fc1/fc2 for its MLP); adapter and post-connector are small
-# and shard their wide dim only.
+# "params/" or "opt/.../mu/" (a train state). The vision tower uses the same layer names
+# under `vision/` (fc1/fc2 for its MLP); adapter and post-connector shard their output dim.
 DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     # LoRA factors (before kernels: their paths end in /kernel/a|b).
     (rf".*/({_ATTN_IN}|{_MLP_IN}|mlp/fc1)/kernel/a", ("embed", "lora")),
