@@ -8,6 +8,7 @@ grouped-query attention (num_kv_heads <= num_heads), tied or untied LM head.
   __call__(embeds [B, L, D], attention_mask int [B, L], visual_pos int [B, Nv] | None,
            cache | None) -> hidden [B, L, D] after the final norm, inter dict
   logits(hidden) -> float32 [B, L, V]
+  lm(ids, attention_mask, cache) -> (logits, inter): the three above chained
 
 Without a cache, positions are 0..L-1 in every row (right padding) and the mask is
 causal AND attention_mask[key]. Layers listed in `attn_layers` also return the visual
@@ -238,6 +239,12 @@ class Decoder(nn.Module):
       kernel = self.lm_head.variables["params"]["kernel"]
     return jnp.einsum("bld,dv->blv", hidden, kernel.astype(hidden.dtype),
                       preferred_element_type=jnp.float32).astype(jnp.float32)
+
+  def lm(self, ids: jax.Array, attention_mask: jax.Array | None = None,
+         cache: dict | None = None) -> tuple[jax.Array, dict]:
+    """Text-only language model: ids [B, L] -> logits f32 [B, L, V], inter."""
+    hidden, inter = self(self.embed_tokens(ids), attention_mask, None, cache)
+    return self.logits(hidden), inter
 
   def init_all(self, ids: jax.Array) -> jax.Array:
     """Touches every parameter (use as `method=` in `init`)."""

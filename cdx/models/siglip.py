@@ -141,7 +141,10 @@ class Encoder(nn.Module):
                        f"[B, {cfg.image_size}, {cfg.image_size}, 3] (NHWC).")
     p = cfg.patch_size
     g = cfg.image_size // p
-    # Non-overlapping p x p patches, flattened in (row, col, channel) order.
+    # Non-overlapping p x p patches, flattened in (row, col, channel) order. Like a
+    # stride-p "valid" conv, trailing pixels that fill no whole patch are dropped
+    # (384 = 27 * 14 + 6 for so400m).
+    pixels = pixels[:, :g * p, :g * p]
     patches = pixels.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, g * g, p * p * c).astype(self.dtype)
     x = nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
