@@ -1,0 +1,65 @@
+"""Attention maths shared by the SigLIP encoder and the Qwen2 decoder.
+
+Shapes (B batch, T queries, S keys, H query heads, G key/value heads, Dh head dim):
+  q [B, T, H, Dh], k/v [B, S, G, Dh] (H a multiple of G: grouped-query attention),
+  mask bool [B, T, S] (True = may attend).
+
+`attend` is the ordinary path: `jax.nn.dot_product_attention` (fused kernels where the
+backend has them; logits and softmax in float32 for low-precision inputs).
+
+`visual_summary` is the attention-capture path used for VAT: only the visual query rows are
+scored against all keys (exact float32 softmax under the same mask), then the visual key
+columns are gathered and heads averaged -> [B, Nv, Nv] float32. Memory is O(H * Nv * S);
+nothing of size [B, H, T, S] is built. `full_probs` builds that on purpose, for diagnostics
+on small inputs only.
+"""
+import jax
+import jax.numpy as jnp
+
+# Finite "minus infinity": a fully masked row then yields a uniform softmax, never NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def causal_mask(key_valid: jax.Array) -> jax.Array:
+  """bool [B, L] key validity (1 = real token) -> bool [B, L, L] causal+padding mask."""
+  length = key_valid.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return causal[None] & key_valid.astype(bool)[:, None, :]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array | None) -> jax.Array:
+  """Softmax attention -> [B, T, H, Dh] in q's dtype."""
+  m = None if mask is None else mask[:, None, :, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=m)
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """float32 softmax probabilities [B, H, T, S]; key heads repeated for GQA."""
+  heads, kv_heads = q.shape[2], k.shape[2]
+  k = jnp.repeat(k, heads // kv_heads, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if mask is not None:
+    logits = jnp.where(mask[:, None, :, :], logits, _MASKED)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def full_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Diagnostic per-head probabilities float32 [B, H, T, S] (small inputs only)."""
+  return _scores(q, k, mask)
+
+
+def visual_summary(q: jax.Array, k: jax.Array, mask: jax.Array,
+                   visual_pos: jax.Array) -> jax.Array:
+  """Head-averaged attention among visual tokens, float32 [B, Nv, Nv].
+
+  visual_pos int [B, Nv] indexes both the query rows and the key columns (T == S: no
+  cache). Row i / column j of the result are visual tokens i / j in sequence order.
+  """
+  take = jax.vmap(lambda x, p: x[p])  # per-sample gather along the sequence axis
+  q_vis = take(q, visual_pos)  # [B, Nv, H, Dh]
+  mask_vis = take(mask, visual_pos)  # [B, Nv, S]
+  probs = _scores(q_vis, k, mask_vis)  # [B, H, Nv, S]
+  probs = jax.vmap(lambda p, pos: p[..., pos])(probs, visual_pos)  # [B, H, Nv, Nv]
+  return probs.mean(axis=1)

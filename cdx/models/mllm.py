@@ -1,0 +1,218 @@
+"""The LLaVA-style MLLM as pure functions of (config, params, arrays).
+
+SigLIP vision tower -> `mlp{N}x_gelu` adapter -> (TAF student only) post-connector ->
+image features spliced into the token embeddings at the image-token slots -> Qwen2
+decoder -> LM head. Shapes: input_ids int [B, L] holding exactly Nv image-token ids per
+image row (0 for text-only rows), pixel_values float32 [B, H, W, 3] NHWC, normalized.
+
+Param tree (docs/ARCHITECTURE.md): {"vision", "adapter", "post" (TAF only), "llm"}.
+The pieces are separate functions so a train step can run the vision tower and the
+(teacher's) adapter once for teacher and student; `forward` chains them all.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdx.models import adapter as adapter_lib
+from cdx.models import qwen
+from cdx.models import siglip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MllmConfig:
+  """Architecture + numerics of an MLLM. Hashable: usable as a static jit argument."""
+  vision: siglip.SiglipConfig
+  text: qwen.QwenConfig
+  image_token_id: int
+  adapter_depth: int = 2  # mlp{N}x_gelu
+  post_connector_in: int | None = None  # TAF: teacher hidden size feeding `post`
+  feature_layer: int = -2  # HF hidden_states index of the vision tower
+  feature_select: str = "default"  # "default" drops the first token, "full" keeps all
+  pad_token_id: int = 151646  # <|extra_0|> (SPEC §3); != eos
+  eos_token_id: int = 151643  # <|endoftext|>
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str | None = None  # jax.checkpoint_policies name for decoder layers, or None
+
+  def __post_init__(self):
+    if self.feature_select not in ("default", "full"):
+      raise ValueError(f"feature_select={self.feature_select!r}; use 'default' or 'full'.")
+    if self.adapter_depth < 1:
+      raise ValueError(f"adapter_depth={self.adapter_depth} must be >= 1.")
+    if not 0 <= self.image_token_id < self.text.vocab_size:
+      raise ValueError(f"image_token_id={self.image_token_id} must index the embedding "
+                       f"table (vocab_size={self.text.vocab_size}).")
+    siglip.layers_needed(self.vision, self.feature_layer)
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype name.") from e
+
+  @property
+  def adapter_out(self) -> int:
+    """Output width of the adapter: teacher hidden for TAF, else the LLM hidden."""
+    return self.post_connector_in or self.text.hidden_size
+
+
+def make_config(vision: "str | dict | siglip.SiglipConfig",
+                text: "str | dict | qwen.QwenConfig", **fields: Any) -> MllmConfig:
+  """MllmConfig from variant names / dicts, e.g. make_config('so400m-patch14-384',
+  'qwen1.5-1.8b', image_token_id=151646)."""
+  return MllmConfig(vision=siglip.get_config(vision), text=qwen.get_config(text), **fields)
+
+
+def num_visual_tokens(cfg: MllmConfig) -> int:
+  """Image tokens per image: 728 for so400m-384 with 'default' selection."""
+  return cfg.vision.num_patches - (1 if cfg.feature_select == "default" else 0)
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def visual_positions(input_ids: jax.Array, image_token_id: int,
+                     num_visual: int) -> tuple[jax.Array, jax.Array]:
+  """Image-token slots -> pos int32 [B, Nv] (sequence order; 0s when no image), has_image [B].
+
+  With concrete ids, rows holding neither 0 nor num_visual image tokens raise ValueError
+  (under jit the count cannot be checked).
+  """
+  is_img = input_ids == image_token_id
+  if _is_concrete(input_ids):
+    counts = np.asarray(is_img).sum(-1)
+    bad = [(i, int(c)) for i, c in enumerate(counts) if c not in (0, num_visual)]
+    if bad:
+      raise ValueError(f"Rows (index, count) {bad} hold a number of image tokens "
+                       f"(id {image_token_id}) other than 0 or Nv={num_visual}; expand "
+                       "the image placeholder to exactly Nv image-token ids.")
+  pos = jax.vmap(lambda r: jnp.nonzero(r, size=num_visual, fill_value=0)[0])(is_img)
+  return pos.astype(jnp.int32), is_img.any(-1)
+
+
+def _dtypes(cfg: MllmConfig):
+  return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+
+def _vision(cfg: MllmConfig) -> siglip.Encoder:
+  dtype, param_dtype = _dtypes(cfg)
+  return siglip.Encoder(cfg.vision, cfg.feature_layer, dtype, param_dtype)
+
+
+def _adapter(cfg: MllmConfig) -> adapter_lib.Connector:
+  dtype, param_dtype = _dtypes(cfg)
+  return adapter_lib.Connector(cfg.adapter_out, cfg.adapter_depth, dtype, param_dtype)
+
+
+def _post(cfg: MllmConfig) -> adapter_lib.PostConnector:
+  dtype, param_dtype = _dtypes(cfg)
+  return adapter_lib.PostConnector(cfg.text.hidden_size, dtype, param_dtype)
+
+
+def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False) -> qwen.Decoder:
+  dtype, param_dtype = _dtypes(cfg)
+  return qwen.Decoder(cfg.text, tuple(attn_layers), full_attn, dtype, param_dtype,
+                      cfg.remat)
+
+
+def encode_images(cfg: MllmConfig, params: dict, pixel_values: jax.Array) -> jax.Array:
+  """float32 [B, H, W, 3] -> selected vision features [B, Nv, Dv] (compute dtype)."""
+  feats = _vision(cfg).apply({"params": params["vision"]}, pixel_values)
+  return feats[:, 1:] if cfg.feature_select == "default" else feats
+
+
+def adapt(cfg: MllmConfig, params: dict, feats: jax.Array) -> jax.Array:
+  """The adapter (the teacher's, for TAF): [B, Nv, Dv] -> [B, Nv, adapter_out]."""
+  return _adapter(cfg).apply({"params": params["adapter"]}, feats)
+
+
+def post(cfg: MllmConfig, params: dict, x: jax.Array) -> jax.Array:
+  """TAF post-connector [B, Nv, teacher_hidden] -> [B, Nv, D]; identity without TAF."""
+  if cfg.post_connector_in is None:
+    return x
+  return _post(cfg).apply({"params": params["post"]}, x)
+
+
+def embed(cfg: MllmConfig, params: dict, input_ids: jax.Array,
+          image_embeds: jax.Array | None) -> jax.Array:
+  """Token embeddings [B, L, D] with image_embeds [B, Nv, D] at the image-token slots."""
+  tokens = _decoder(cfg).apply({"params": params["llm"]}, input_ids,
+                               method=qwen.Decoder.embed_tokens)
+  if image_embeds is None:
+    return tokens
+  is_img = input_ids == cfg.image_token_id
+  # Slot t of a row takes image feature #(number of image tokens before t).
+  index = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, image_embeds.shape[1] - 1)
+  spliced = jnp.take_along_axis(image_embeds.astype(tokens.dtype), index[..., None], axis=1)
+  return jnp.where(is_img[..., None], spliced, tokens)
+
+
+def decode(cfg: MllmConfig, params: dict, embeds: jax.Array,
+           attention_mask: jax.Array | None, attn_layers: tuple = (),
+           visual_pos: jax.Array | None = None, cache: dict | None = None,
+           full_attn: bool = False) -> tuple[jax.Array, dict]:
+  """Decoder stack -> hidden [B, L, D] after the final norm, inter.
+
+  inter["visual_attn"]: f32 [len(attn_layers), B, Nv, Nv] (needs visual_pos).
+  inter["full_attn"]: f32 [K, B, H, L, L] per-head maps when full_attn (diagnostic).
+  inter["cache"]: the updated KV cache when `cache` is given (see cdx/models/qwen.py).
+  """
+  return _decoder(cfg, attn_layers, full_attn).apply(
+      {"params": params["llm"]}, embeds, attention_mask, visual_pos, cache)
+
+
+def lm_head_kernel(cfg: MllmConfig, params: dict) -> jax.Array:
+  """[D, V]; the transposed embedding table when embeddings are tied."""
+  if cfg.text.tie_embeddings:
+    return params["llm"]["embed"]["embedding"].T
+  return params["llm"]["lm_head"]["kernel"]
+
+
+def init_cache(cfg: MllmConfig, batch_size: int, max_len: int) -> dict:
+  """Empty KV cache in the compute dtype (see cdx/models/qwen.py)."""
+  return qwen.init_cache(cfg.text, batch_size, max_len, _dtypes(cfg)[0])
+
+
+def _check_pixels(cfg: MllmConfig, input_ids, pixel_values):
+  want = (cfg.vision.image_size, cfg.vision.image_size, 3)
+  if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+    raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; the vision "
+                     f"config expects [B, {want[0]}, {want[1]}, 3] (NHWC).")
+  if pixel_values.shape[0] != input_ids.shape[0]:
+    raise ValueError(f"pixel_values batch {pixel_values.shape[0]} != input_ids batch "
+                     f"{input_ids.shape[0]}.")
+
+
+def forward(cfg: MllmConfig, params: dict, input_ids: jax.Array,
+            pixel_values: jax.Array, attention_mask: jax.Array | None = None,
+            attn_layers: tuple = ()) -> tuple[jax.Array, dict]:
+  """Full model: logits float32 [B, L, V], inter (public contract, DESIGN §3)."""
+  _check_pixels(cfg, input_ids, pixel_values)
+  nv = num_visual_tokens(cfg)
+  pos, _ = visual_positions(input_ids, cfg.image_token_id, nv)
+  image_embeds = post(cfg, params, adapt(cfg, params, encode_images(cfg, params,
+                                                                    pixel_values)))
+  embeds = embed(cfg, params, input_ids, image_embeds)
+  hidden, inter = decode(cfg, params, embeds, attention_mask, tuple(attn_layers), pos)
+  logits = jnp.einsum("bld,dv->blv", hidden,
+                      lm_head_kernel(cfg, params).astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return logits.astype(jnp.float32), inter
+
+
+def init_params(cfg: MllmConfig, rng: jax.Array) -> dict:
+  """Random params (vision, adapter, optional post, llm); works under jax.eval_shape."""
+  r_vis, r_ad, r_post, r_llm = jax.random.split(rng, 4)
+  pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
+  feats = jnp.zeros((1, 1, cfg.vision.hidden_size), jnp.float32)
+  params = {"vision": _vision(cfg).init(r_vis, pixels)["params"],
+            "adapter": _adapter(cfg).init(r_ad, feats)["params"]}
+  if cfg.post_connector_in is not None:
+    x = jnp.zeros((1, 1, cfg.post_connector_in), jnp.float32)
+    params["post"] = _post(cfg).init(r_post, x)["params"]
+  ids = jnp.zeros((1, 1), jnp.int32)
+  params["llm"] = _decoder(cfg).init(r_llm, ids, method=qwen.Decoder.init_all)["params"]
+  return params

@@ -1,0 +1,295 @@
+"""Qwen2 decoder (HF `Qwen2ForCausalLM` architecture: Qwen1.5 and Qwen2.5), flax linen.
+
+RMSNorm (float32 statistics), rotate-half RoPE, SwiGLU MLP, q/k/v with bias, o without,
+grouped-query attention (num_kv_heads <= num_heads), tied or untied LM head.
+
+`Decoder` works on embeddings so the MLLM can splice image features in first:
+  embed_tokens(ids int [B, L]) -> [B, L, D] (compute dtype)
+  __call__(embeds [B, L, D], attention_mask int [B, L], visual_pos int [B, Nv] | None,
+           cache | None) -> hidden [B, L, D] after the final norm, inter dict
+  logits(hidden) -> float32 [B, L, V]
+  lm(ids, attention_mask, cache) -> (logits, inter): the three above chained
+
+Without a cache, positions are 0..L-1 in every row (right padding) and the mask is
+causal AND attention_mask[key]. Layers listed in `attn_layers` also return the visual
+attention summary (see cdx/models/attention.py): inter["visual_attn"] f32 [K, B, Nv, Nv].
+
+KV cache (for generation; a plain pytree, see `init_cache`):
+  {"k": [num_layers, B, S, num_kv_heads, head_dim], "v": same, "lengths": int32 [B]}
+`lengths[b]` = number of tokens already stored for row b. A call with a cache writes the
+T new keys/values of row b at slots lengths[b] .. lengths[b]+T-1, gives them positions
+lengths[b] + t, lets query t see slots <= its own position and < new length, and returns
+the updated cache in inter["cache"] with lengths += attention_mask.sum(-1). So: prefill
+a right-padded prompt batch once (pad slots are counted out and later overwritten), then
+feed one token per row per step with attention_mask ones [B, 1]. Slots beyond S are
+clamped by XLA, so S must cover prompt + new tokens.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdx.models import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+  """Architecture of a Qwen2-family decoder."""
+  vocab_size: int = 151936
+  hidden_size: int = 2048
+  num_layers: int = 24
+  num_heads: int = 16
+  num_kv_heads: int = 16
+  head_dim: int = 128
+  mlp_dim: int = 5504
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 32768
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}.")
+
+
+def _v(vocab, hidden, layers, heads, kv, mlp, theta=1e6, tie=False):
+  return QwenConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                    num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
+                    mlp_dim=mlp, rope_theta=theta, tie_embeddings=tie)
+
+
+# Numbers from the HF config.json of each checkpoint (Qwen/<name>).
+VARIANTS = {
+    "qwen1.5-0.5b": _v(151936, 1024, 24, 16, 16, 2816, tie=True),
+    "qwen1.5-1.8b": _v(151936, 2048, 24, 16, 16, 5504),
+    "qwen1.5-4b": _v(151936, 2560, 40, 20, 20, 6912, theta=5e6),
+    "qwen1.5-7b": _v(151936, 4096, 32, 32, 32, 11008),
+    "qwen2.5-0.5b": _v(151936, 896, 24, 14, 2, 4864, tie=True),
+    "qwen2.5-1.5b": _v(151936, 1536, 28, 12, 2, 8960, tie=True),
+    "qwen2.5-3b": _v(151936, 2048, 36, 16, 2, 11008, tie=True),
+    "qwen2.5-7b": _v(152064, 3584, 28, 28, 4, 18944),
+}
+
+
+def get_config(name_or_dict: "str | dict | QwenConfig") -> QwenConfig:
+  """A variant name from VARIANTS (case-insensitive), a dict of fields, or a config."""
+  if isinstance(name_or_dict, QwenConfig):
+    return name_or_dict
+  if isinstance(name_or_dict, dict):
+    known = {f.name for f in dataclasses.fields(QwenConfig)}
+    unknown = sorted(set(name_or_dict) - known)
+    if unknown:
+      raise ValueError(f"Unknown QwenConfig fields {unknown}; known: {sorted(known)}.")
+    return QwenConfig(**name_or_dict)
+  key = str(name_or_dict).lower().removeprefix("qwen/")
+  if key not in VARIANTS:
+    raise ValueError(f"Unknown Qwen variant {name_or_dict!r}; known: {sorted(VARIANTS)}.")
+  return VARIANTS[key]
+
+
+def init_cache(cfg: QwenConfig, batch_size: int, max_len: int,
+               dtype: Any = jnp.float32) -> dict:
+  """Empty KV cache for `batch_size` rows of up to `max_len` tokens."""
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "lengths": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half RoPE on x [B, T, H, Dh] at positions int [B, T]; maths in float32."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(features, name, dtype, param_dtype, bias):
+  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class _Attention(nn.Module):
+  cfg: QwenConfig
+  dtype: Any
+  param_dtype: Any
+  capture: bool = False
+  full_attn: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, mask, visual_pos, kv):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    proj = lambda n, heads, bias: _dense(heads * cfg.head_dim, n, self.dtype,
+                                         self.param_dtype, bias)(x).reshape(
+                                             b, t, heads, cfg.head_dim)
+    q = apply_rope(proj("q", cfg.num_heads, True), positions, cfg.rope_theta)
+    k = apply_rope(proj("k", cfg.num_kv_heads, True), positions, cfg.rope_theta)
+    v = proj("v", cfg.num_kv_heads, True)
+    new_kv = None
+    if kv is not None:
+      cache_k, cache_v, start = kv
+      write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(
+          c, new.astype(c.dtype), (s, 0, 0)))
+      cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
+      new_kv = (cache_k, cache_v)
+      k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
+    out = attention.attend(q, k, v, mask)
+    extras = {}
+    if self.capture:
+      extras["visual_attn"] = attention.visual_summary(q, k, mask, visual_pos)
+    if self.full_attn:
+      extras["full_attn"] = attention.full_probs(q, k, mask)
+    out = _dense(cfg.hidden_size, "o", self.dtype, self.param_dtype, False)(
+        out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+    return out, extras, new_kv
+
+
+class _Mlp(nn.Module):
+  cfg: QwenConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype, False)
+    gate = dense(self.cfg.mlp_dim, "gate")(x)
+    up = dense(self.cfg.mlp_dim, "up")(x)
+    return dense(self.cfg.hidden_size, "down")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: QwenConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  capture: bool = False
+  full_attn: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, mask, visual_pos, kv):
+    norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype,
+                                name=name)
+    h, extras, new_kv = _Attention(self.cfg, self.dtype, self.param_dtype, self.capture,
+                                   self.full_attn, name="attn")(
+                                       norm("input_norm")(x), positions, mask,
+                                       visual_pos, kv)
+    x = x + h
+    x = x + _Mlp(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_norm")(x))
+    return x, extras, new_kv
+
+
+class Decoder(nn.Module):
+  """Qwen2 decoder stack; see the module docstring for the methods."""
+  cfg: QwenConfig
+  attn_layers: tuple = ()
+  full_attn: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str | None = None  # a jax.checkpoint_policies name, e.g. "nothing_saveable"
+
+  def setup(self):
+    cfg = self.cfg
+    bad = [i for i in self.attn_layers if not 0 <= i < cfg.num_layers]
+    if bad:
+      raise ValueError(f"attn_layers {bad} out of range for {cfg.num_layers} layers.")
+    layer_cls = DecoderLayer
+    if self.remat:
+      if not hasattr(jax.checkpoint_policies, self.remat):
+        raise ValueError(f"Unknown remat policy {self.remat!r}; use a name from "
+                         "jax.checkpoint_policies, e.g. 'nothing_saveable'.")
+      layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies,
+                                                        self.remat))
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                          param_dtype=self.param_dtype,
+                          embedding_init=nn.initializers.normal(0.02))
+    self.layers = [layer_cls(cfg, self.dtype, self.param_dtype,
+                             capture=i in self.attn_layers,
+                             full_attn=self.full_attn and i in self.attn_layers)
+                   for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = _dense(cfg.vocab_size, None, self.dtype, self.param_dtype, False)
+
+  def embed_tokens(self, ids: jax.Array) -> jax.Array:
+    return self.embed(ids)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    if self.cfg.tie_embeddings:
+      kernel = self.embed.embedding.T
+    else:
+      kernel = self.lm_head.variables["params"]["kernel"]
+    return jnp.einsum("bld,dv->blv", hidden, kernel.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32).astype(jnp.float32)
+
+  def lm(self, ids: jax.Array, attention_mask: jax.Array | None = None,
+         cache: dict | None = None) -> tuple[jax.Array, dict]:
+    """Text-only language model: ids [B, L] -> logits f32 [B, L, V], inter."""
+    hidden, inter = self(self.embed_tokens(ids), attention_mask, None, cache)
+    return self.logits(hidden), inter
+
+  def init_all(self, ids: jax.Array) -> jax.Array:
+    """Touches every parameter (use as `method=` in `init`)."""
+    hidden, _ = self(self.embed_tokens(ids), jnp.ones(ids.shape, jnp.int32))
+    if not self.cfg.tie_embeddings:
+      self.lm_head(hidden)
+    return self.logits(hidden)
+
+  def __call__(self, embeds, attention_mask=None, visual_pos=None, cache=None):
+    b, t, _ = embeds.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if self.attn_layers and visual_pos is None:
+      raise ValueError("attn_layers given but visual_pos is None: pass the visual "
+                       "positions from visual_positions(...).")
+    if self.attn_layers and cache is not None:
+      raise ValueError("attention capture is not supported together with a KV cache.")
+    if cache is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      mask = attention.causal_mask(attention_mask)
+    else:
+      start = cache["lengths"]
+      positions = start[:, None] + jnp.arange(t)[None]
+      new_lengths = start + attention_mask.astype(jnp.int32).sum(-1)
+      slots = jnp.arange(cache["k"].shape[2])[None, None, :]
+      mask = (slots <= positions[:, :, None]) & (slots < new_lengths[:, None, None])
+    x = embeds.astype(self.dtype)
+    captured, full, new_k, new_v = {}, {}, [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
+      x, extras, layer_kv = layer(x, positions, mask, visual_pos, kv)
+      if "visual_attn" in extras:
+        captured[i] = extras["visual_attn"]
+      if "full_attn" in extras:
+        full[i] = extras["full_attn"]
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    hidden = self.final_norm(x)
+    nv = 0 if visual_pos is None else visual_pos.shape[1]
+    inter = {"visual_attn": (jnp.stack([captured[i] for i in self.attn_layers])
+                             if self.attn_layers else jnp.zeros((0, b, nv, nv)))}
+    if self.full_attn:
+      inter["full_attn"] = jnp.stack([full[i] for i in self.attn_layers])
+    if cache is not None:
+      inter["cache"] = {"k": jnp.stack(new_k), "v": jnp.stack(new_v),
+                        "lengths": new_lengths}
+    return hidden, inter
