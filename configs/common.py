@@ -22,6 +22,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from cdx.train import params as params_lib  # Trainable patterns per stage (SPEC §7).
+
 PRESETS = ("tiny", "paper")
 
 # ---------------------------------------------------------------------------------------
@@ -42,15 +44,6 @@ PAPER_VISION = "so400m-patch14-384"
 PAPER_TEACHER = "qwen1.5-4b"
 PAPER_STUDENT = "qwen1.5-1.8b"
 
-# Trainable parameters per stage, as path patterns (one mechanism: cdx/train/params.py).
-TRAINABLE = {
-    "pretrain": ("adapter/.*",),
-    "finetune": ("adapter/.*",),        # + the LLM's LoRA factors
-    "dpt": ("post/.*",),
-    "dft": ("post/.*",),                # + the LLM's LoRA factors
-    "sft": ("post/.*",),                # + a new LoRA
-}
-USES_LORA = {"pretrain": False, "finetune": True, "dpt": False, "dft": True, "sft": True}
 
 # SPEC §7: (lr, global batch, max length) per stage in the paper.
 PAPER_STAGE = {
@@ -126,7 +119,8 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
   c.batch_size = batch        # Global, in samples, per optimizer step.
   c.micro_batches = 1         # Gradient accumulation: batch_size / micro_batches per pass.
   c.max_length = max_len
-  c.trainable = TRAINABLE[stage]
+  rules = params_lib.stage_rules(stage)
+  c.trainable = rules["trainable"]
   if tiny and stage == "pretrain":
     c.trainable = ("adapter/.*", "llm/.*")  # No pretrained LLM to keep frozen (see above).
   c.optim = ml_collections.ConfigDict(dict(
@@ -135,8 +129,9 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       max_nonfinite=100,  # Halt after this many skipped (non-finite) steps in a row.
   ))
   c.lora = ml_collections.ConfigDict(dict(
-      enabled=USES_LORA[stage], rank=8 if tiny else 128, alpha=16.0 if tiny else 256.0,
-      targets=(r"llm/layers_\d+/.*/kernel",),  # Every linear of the LLM but lm_head.
+      enabled=bool(rules["lora_targets"]), rank=8 if tiny else 128,
+      alpha=16.0 if tiny else 256.0,
+      targets=params_lib.DEFAULT_LORA_TARGETS,  # Every linear of the LLM but lm_head.
       full_finetune=False,  # True: train the whole LLM instead of LoRA.
   ))
 

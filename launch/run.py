@@ -42,20 +42,24 @@ def parse(argv):
 def main(argv=None) -> int:
   args, overrides, upstream = parse(sys.argv[1:] if argv is None else argv)
   # Imported late so that --help and config errors are instant.
+  from cdx.data.templates import SampleError
   from cdx.train import loop, stages
   try:
-    cfg = config_lib.load(args.config, overrides)
-    config_dir = os.path.dirname(args.config.partition(":")[0]) or "."
-    load_upstream = lambda spec: config_lib.load(
-        os.path.join(config_dir, os.path.basename(spec)), upstream)
-    todo = stages.plan(cfg, args.workdir, load_upstream, args.build_missing)
+    try:  # Config problems are the user's to fix: no traceback.
+      cfg = config_lib.load(args.config, overrides)
+      config_dir = os.path.dirname(args.config.partition(":")[0]) or "."
+      load_upstream = lambda spec: config_lib.load(
+          os.path.join(config_dir, os.path.basename(spec)), upstream)
+      todo = stages.plan(cfg, args.workdir, load_upstream, args.build_missing)
+    except (ValueError, FileNotFoundError) as e:
+      raise loop.UserError(str(e)) from None
     if args.dry_run:
       return loop.dry_run(todo, args.workdir)
     if not todo:
       print(f"Stage '{cfg.name}' is already finished in {args.workdir}/{cfg.name} (DONE).")
     for stage_cfg in todo:
       loop.run_stage(stage_cfg, args.workdir)
-  except (ValueError, FileNotFoundError, stages.MissingInputError, loop.UserError) as e:
+  except (stages.MissingInputError, loop.UserError, SampleError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -325,6 +325,7 @@ def build(cfg, workdir: str) -> Setup:
       parallel.param_shardings({"params": trainable, "lora": lora}, mesh), mesh)
   full_state_sh = {
       "step": parallel.replicated(mesh), "rng": parallel.replicated(mesh),
+      "nonfinite": parallel.replicated(mesh),
       "params": state_sh["params"], "lora": state_sh["lora"],
       "opt": parallel.state_shardings(
           state["opt"], parallel.param_shardings((trainable, lora), mesh), mesh)}

@@ -28,6 +28,7 @@ import optax
 from cdx.distill import losses
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
+from cdx.train import optim
 from cdx.train import params as params_lib
 
 PyTree = Any
@@ -141,61 +142,46 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
 
 
 def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
-                    obj: Objective, tx: optax.GradientTransformation,
+                    obj: Objective, tx: optax.GradientTransformationExtraArgs,
                     schedule: Callable[[jax.Array], jax.Array],
                     lora_spec: LoraSpec | None = None, micro_batches: int = 1) -> Callable:
-  """Returns `train_step(state, frozen, teacher, batch) -> (state, metrics)` (not jitted)."""
+  """Returns `train_step(state, frozen, teacher, batch) -> (state, metrics)` (not jitted).
 
-  def loss_fn(diff, frozen, teacher, batch):
-    trainable, lora = diff
-    params = _student_params(trainable, lora, frozen, lora_spec)
-    return compute_loss(student_cfg, teacher_cfg, obj, params, teacher, batch)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def accumulate(diff, frozen, teacher, batch):
-    if micro_batches == 1:
-      (_, metrics), grads = grad_fn(diff, frozen, teacher, batch)
-      return grads, metrics
-    # Row m*k + j of the batch goes to micro-batch j: keeps each device's rows local.
-    def split(x):
-      return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
-    micro = jax.tree.map(split, batch)
-
-    def body(acc, mb):
-      (_, metrics), grads = grad_fn(diff, frozen, teacher, mb)
-      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: grad_fn(diff, frozen, teacher, jax.tree.map(lambda x: x[0], micro))))
-    zeros = (zeros[1], zeros[0][1])
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    scale = 1.0 / micro_batches
-    metrics = {k: (v if k == "tokens" else v * scale) for k, v in metrics.items()}
-    return jax.tree.map(lambda g: g * scale, grads), metrics
+  `tx` is `cdx.train.optim.make_optimizer(...)`: its skip-non-finite wrapper leaves params
+  and optimizer state untouched on a NaN/Inf loss or gradient. With `micro_batches` > 1 the
+  batch is split (strided) and gradients are averaged in a scan before the one update.
+  """
 
   def train_step(state, frozen, teacher, batch):
+    def grad_fn(diff, batch):
+      def loss_fn(diff):
+        params = _student_params(diff[0], diff[1], frozen, lora_spec)
+        return compute_loss(student_cfg, teacher_cfg, obj, params, teacher, batch)
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
+      return grads, metrics
+
     diff = (state["params"], state["lora"])
-    grads, metrics = accumulate(diff, frozen, teacher, batch)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt"], diff)
+    if micro_batches > 1:
+      grads, metrics = optim.accumulate_gradients(
+          grad_fn, diff, optim.split_microbatches(batch, micro_batches))
+      metrics["tokens"] = metrics["tokens"] * micro_batches
+    else:
+      grads, metrics = grad_fn(diff, batch)
+    updates, new_opt = tx.update(grads, state["opt"], diff, loss=metrics["loss"])
     new_diff = optax.apply_updates(diff, updates)
-    # A non-finite step changes nothing but the counter (SPEC §7 runs in fp16; we skip).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_diff = keep(new_diff, diff)
-    new_opt = keep(new_opt, state["opt"])
+    finite = getattr(new_opt, "last_finite", jnp.isfinite(metrics["loss"]))
     new_state = {
         "step": state["step"] + 1,
         "params": new_diff[0], "lora": new_diff[1], "opt": new_opt,
         "rng": jax.random.fold_in(state["rng"], state["step"]),
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
     }
     metrics = dict(metrics)
-    metrics["grad_norm"] = grad_norm
+    metrics["grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(new_diff)
     metrics["lr"] = schedule(state["step"])
     metrics["skipped"] = (~finite).astype(jnp.int32)
+    metrics["nonfinite_run"] = new_state["nonfinite"]
     return new_state, metrics
 
   return train_step
