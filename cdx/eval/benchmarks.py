@@ -244,14 +244,18 @@ def read_pope(path: str, image_dir: str, split: str | None = None) -> list[Item]
   return items
 
 
-def _load_json_lines(path: str) -> Any:
-  """POPE's official files are named .json but hold one object per line."""
+def _load_json_lines(path: str) -> list[Any]:
+  """POPE's official files are named .json but hold one object per line; a JSON list
+  (one line or pretty-printed) is accepted too."""
   with open(path) as f:
     text = f.read()
   try:
-    return json.loads(text)
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
   except json.JSONDecodeError:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+  if len(records) == 1 and isinstance(records[0], list):
+    return records[0]
+  return records
 
 
 def read_mme(root: str) -> list[Item]:
