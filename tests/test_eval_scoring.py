@@ -143,7 +143,7 @@ def test_evaluate_paired_builds_all_four_pairs():
     ("t-shirt", "t shirt"), ("left - right", "left right"), ("100,978", "100978"),
     ("3.5", "3.5"), ("hello, world", "hello world"), ("  A \t Cat\n", "cat"),
     ("an apple a day", "apple day"), ("(yes)", "yes"), ("12:30", "12:30"),
-    ("it's", "it's"), ("e.g", "eg"),
+    ("it's", "it's"), ("e.g", "eg"), ("(t-shirt)", "t shirt"), ("yes -no", "yes no"),
 ])
 def test_normalize_answer(raw, expected):
   assert scoring.normalize_answer(raw) == expected
@@ -349,6 +349,31 @@ def test_read_vqav2_and_gqa(tmp_path):
   g = benchmarks.read_gqa(str(tmp_path / "gqa.json"), "/gqa")
   assert g[0]["id"] == "201" and g[0]["image"] == "/gqa/n123.jpg" and g[0]["answer"] == "yes"
   assert scoring.evaluate_vqa(g, lambda it: ["Yes"])["accuracy"] == 1.0
+
+
+def test_read_textvqa_records_ocr_and_vizwiz(tmp_path):
+  _write(str(tmp_path / "textvqa.json"), {"data": [
+      {"question_id": 3, "image_id": "abc", "question": "what brand is it?",
+       "answers": ["nikon"] * 10}]})
+  _write(str(tmp_path / "ocr.json"), {"data": [{"image_id": "abc",
+                                                "ocr_tokens": ["nikon", "d90"]}]})
+  plain = benchmarks.read_textvqa(str(tmp_path / "textvqa.json"), "/tv")
+  assert plain[0]["prompt"] == scoring.vqa_prompt("what brand is it?")
+  assert plain[0]["ocr"] is False and plain[0]["image"] == "/tv/abc.jpg"
+  with_ocr = benchmarks.read_textvqa(str(tmp_path / "textvqa.json"), "/tv",
+                                     str(tmp_path / "ocr.json"))
+  assert with_ocr[0]["prompt"] == scoring.vqa_prompt(
+      "what brand is it?\nReference OCR token: nikon, d90")
+  assert with_ocr[0]["ocr"] is True and "ocr.json" in with_ocr[0]["source"]
+  assert scoring.evaluate_vqa(with_ocr, lambda it: ["Nikon"])["accuracy"] == 1.0
+
+  _write(str(tmp_path / "vizwiz.json"), [
+      {"image": "VizWiz_val_00000001.jpg", "question": "What is this?",
+       "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10,
+       "answer_type": "unanswerable"}])
+  vw = benchmarks.read_vizwiz(str(tmp_path / "vizwiz.json"), "/vw")
+  assert vw[0]["answers"] == ["unanswerable"] * 10 and vw[0]["category"] == "unanswerable"
+  assert vw[0]["image"] == "/vw/VizWiz_val_00000001.jpg"
 
 
 def test_read_pope(tmp_path):

@@ -18,6 +18,8 @@ Formats read:
   SugarCrepe  {subset}.json = {id: {"filename", "caption", "negative_caption"}}
   Winoground  jsonl of {"id", "image_0", "image_1", "caption_0", "caption_1"}
   VQAv2       questions json {"questions": [...]} (+ annotations json {"annotations": [...]})
+  TextVQA     {"data": [...]}, optionally with an OCR-token file (recorded per item)
+  VizWiz      [{"image", "question", "answers"}]
   GQA         {question_id: {"imageId", "question", "answer", ...}}
   POPE        jsonl of {"question_id", "image", "text", "label"}, split from the file name
   MME         <root>/<subtask>/ with *.txt files of "question<TAB>Yes|No" lines beside
@@ -208,6 +210,54 @@ def read_vqav2(questions_path: str, image_dir: str, annotations_path: str | None
       item["answer"] = a.get("multiple_choice_answer", item["answers"][0])
       if "answer_type" in a:
         item["category"] = a["answer_type"]
+    items.append(item)
+  return items
+
+
+def read_textvqa(path: str, image_dir: str, ocr_path: str | None = None) -> list[Item]:
+  """TextVQA json {"data": [{"question_id", "image_id", "question", "answers"}]} -> soft
+  VQA items.
+
+  With ocr_path (a json {"data": [{"image_id", "ocr_tokens"}]}, e.g. Rosetta OCR), a line
+  "Reference OCR token: t1, t2, ..." follows the question. It moves the score by about 12
+  points, so every item records "ocr" (bool) and the OCR file is part of its source.
+  """
+  source = file_source(path)
+  ocr = None
+  if ocr_path is not None:
+    ocr = {str(r["image_id"]): r.get("ocr_tokens", [])
+           for r in _field(_load(ocr_path), "data", ocr_path)}
+    source += "; " + file_source(ocr_path)
+  items = []
+  for rec in _field(_load(path), "data", path):
+    question = _field(rec, "question", path)
+    image_id = str(_field(rec, "image_id", path))
+    text = question
+    if ocr is not None:
+      text += "\nReference OCR token: " + ", ".join(ocr.get(image_id, []))
+    item = {"id": _field(rec, "question_id", path), "question": question,
+            "prompt": scoring.vqa_prompt(text), "ocr": ocr is not None,
+            "image": os.path.join(image_dir, f"{image_id}.jpg"), "source": source}
+    if "answers" in rec:   # the test split has none
+      item["answers"] = list(rec["answers"])
+    items.append(item)
+  return items
+
+
+def read_vizwiz(path: str, image_dir: str) -> list[Item]:
+  """VizWiz json [{"image", "question", "answers": [{"answer", ...}], "answer_type"}] ->
+  soft VQA items (id = the image name)."""
+  source = file_source(path)
+  items = []
+  for rec in _load(path):
+    question = _field(rec, "question", path)
+    image = _field(rec, "image", path)
+    item = {"id": image, "question": question, "prompt": scoring.vqa_prompt(question),
+            "image": os.path.join(image_dir, image), "source": source}
+    if "answers" in rec:
+      item["answers"] = [a["answer"] for a in rec["answers"]]
+    if "answer_type" in rec:
+      item["category"] = rec["answer_type"]
     items.append(item)
   return items
 

@@ -221,11 +221,12 @@ def _strip_punctuation(text: str) -> str:
   """EvalAI punctuation rule: a mark is deleted when the text shows it used as punctuation
   (next to a space) or holds a thousands comma ("100,978"); otherwise it becomes a space
   ("t-shirt" -> "t shirt"). The rule looks at the whole answer, as the official one does."""
-  delete = _DIGIT_COMMA.search(text) is not None
+  original = text   # the tests look at the answer as given, not at earlier replacements
+  delete = _DIGIT_COMMA.search(original) is not None
   for p in _PUNCTUATION:
     if p not in text:
       continue
-    if delete or f"{p} " in text or f" {p}" in text:
+    if delete or f"{p} " in original or f" {p}" in original:
       text = text.replace(p, "")
     else:
       text = text.replace(p, " ")
@@ -371,7 +372,9 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def mme_parse(reply: str) -> str:
-  """"yes"/"no" if the reply is exactly that or starts with it, else "other"."""
+  """"yes"/"no" if the reply (periods dropped) is exactly that, else whichever of them
+  occurs in its first four characters (the MME tool's rule: "Not sure" -> no), else
+  "other" (always wrong)."""
   text = reply.lower().strip().replace(".", "")
   if text in ("yes", "no"):
     return text
