@@ -363,10 +363,8 @@ def _first_field(path: str, name: str) -> str | None:
   return records[0][1].get(name) if records else None
 
 
-def _synthetic_root(eval_dir: str, first_image: str | None) -> str:
+def _synthetic_root(eval_dir: str, first_image: str) -> str:
   """The export dir that image paths are relative to: eval_dir or one of its parents."""
-  if first_image is None:   # an empty file: nothing to resolve
-    return eval_dir
   d = os.path.abspath(eval_dir)
   for _ in range(4):
     if os.path.isfile(os.path.join(d, first_image)):
@@ -395,6 +393,8 @@ def read_synthetic(eval_dir: str, root: str | None = None) -> dict[str, Any]:
   def resolve(first_image: str | None) -> str:
     nonlocal root
     if root is None:
+      if first_image is None:   # an empty file: nothing to join, nothing learnt
+        return eval_dir
       root = _synthetic_root(eval_dir, first_image)
     return root
 
