@@ -104,14 +104,14 @@ def first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[int, Any] 
 def select(tree: PyTree, rules: Sequence[Rule], strict: bool = False) -> PyTree:
   """Bool tree: True where the first fullmatching rule selects the leaf's path.
 
-  With `strict`, a rule that matches no path at all raises ValueError (catches typos such
+  With `strict`, a selecting rule that matches no path at all raises ValueError (catches typos such
   as 'adaptor/.*' that would silently freeze everything).
   """
   compiled = _compile(rules)
   paths = jax.tree_util.tree_leaves(tree_paths(tree))
   if strict:
-    for regex, pattern, _ in compiled:
-      if not any(pattern.fullmatch(p) for p in paths):
+    for regex, pattern, value in compiled:  # Exclusions may match nothing (e.g. no lm_head).
+      if value and not any(pattern.fullmatch(p) for p in paths):
         raise ValueError(
             f"pattern {regex!r} matches no parameter path; first paths: {paths[:5]}.")
 
