@@ -51,7 +51,8 @@ def test_config_read_from_hf(llava):
 
 
 def test_logits_match_hf_offsets_padding_text_only(llava):
-  logits, _ = mllm.forward(llava["cfg"], llava["params"], jnp.asarray(llava["ids"]),
+  fwd = jax.jit(mllm.forward, static_argnums=0)
+  logits, _ = fwd(llava["cfg"], llava["params"], jnp.asarray(llava["ids"]),
                            jnp.asarray(llava["pixels"]), jnp.asarray(llava["mask"]))
   real = llava["mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[real], llava["out"].logits.numpy()[real],
@@ -122,7 +123,7 @@ def test_taf_student_init_and_shapes():
                          {"vocab_size": 64, "hidden_size": 32, "num_layers": 2,
                           "num_heads": 4, "num_kv_heads": 4, "head_dim": 8,
                           "mlp_dim": 48}, image_token_id=63, post_connector_in=400)
-  params = mllm.init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.jit(mllm.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   fc1 = np.asarray(params["adapter"]["fc1"]["kernel"])
   assert fc1.shape == (24, 400) and abs(fc1.std() - 0.02) < 0.002
   assert not np.asarray(params["adapter"]["fc2"]["bias"]).any()
@@ -133,7 +134,8 @@ def test_taf_student_init_and_shapes():
     assert np.abs(x).max() <= bound and np.abs(x).max() > 0.8 * bound
   assert abs(np.asarray(post["kernel"]).std() - bound / np.sqrt(3)) < 0.1 * bound
   ids = jnp.array([[1, 63, 63, 63, 2, 0]])
-  logits, _ = mllm.forward(cfg, params, ids, jnp.ones((1, 16, 16, 3)))
+  logits, _ = jax.jit(mllm.forward, static_argnums=0)(cfg, params, ids,
+                                                     jnp.ones((1, 16, 16, 3)))
   assert logits.shape == (1, 6, 64) and np.isfinite(np.asarray(logits)).all()
 
 
