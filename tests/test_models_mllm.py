@@ -79,12 +79,16 @@ def test_captured_visual_attention_matches_hf(llava):
 def test_full_attention_diagnostic_matches_hf(llava):
   cfg, params = llava["cfg"], llava["params"]
   ids, mask = jnp.asarray(llava["ids"]), jnp.asarray(llava["mask"])
-  pos, _ = mllm.visual_positions(ids, cfg.image_token_id, NV)
-  image = mllm.post(cfg, params, mllm.adapt(cfg, params, mllm.encode_images(
-      cfg, params, jnp.asarray(llava["pixels"]))))
-  embeds = mllm.embed(cfg, params, ids, image)
-  _, inter = mllm.decode(cfg, params, embeds, mask, attn_layers=(1,), visual_pos=pos,
-                         full_attn=True)
+
+  @jax.jit
+  def run(params, ids, mask, pixels):
+    pos, _ = mllm.visual_positions(ids, cfg.image_token_id, NV)
+    image = mllm.post(cfg, params, mllm.adapt(cfg, params, mllm.encode_images(
+        cfg, params, pixels)))
+    embeds = mllm.embed(cfg, params, ids, image)
+    return mllm.decode(cfg, params, embeds, mask, attn_layers=(1,), visual_pos=pos,
+                       full_attn=True)[1]
+  inter = run(params, ids, mask, jnp.asarray(llava["pixels"]))
   got = np.asarray(inter["full_attn"][0])  # [B, H, L, L]
   ref = llava["out"].attentions[1].numpy()
   real = llava["mask"].astype(bool)

@@ -77,8 +77,12 @@ def num_visual_tokens(cfg: MllmConfig) -> int:
   return cfg.vision.num_patches - (1 if cfg.feature_select == "default" else 0)
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def _concrete(x) -> np.ndarray | None:
+  """x as numpy, or None while tracing (values unknown until run time)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def visual_positions(input_ids: jax.Array, image_token_id: int,
@@ -89,8 +93,9 @@ def visual_positions(input_ids: jax.Array, image_token_id: int,
   (under jit the count cannot be checked).
   """
   is_img = input_ids == image_token_id
-  if _is_concrete(input_ids):
-    counts = np.asarray(is_img).sum(-1)
+  ids = _concrete(input_ids)
+  if ids is not None:
+    counts = (ids == image_token_id).sum(-1)
     bad = [(i, int(c)) for i, c in enumerate(counts) if c not in (0, num_visual)]
     if bad:
       raise ValueError(f"Rows (index, count) {bad} hold a number of image tokens "
