@@ -41,7 +41,8 @@ def llava(tmp_path_factory):
                 attention_mask=torch.from_numpy(mask).long(),
                 pixel_values=torch.from_numpy(pixels[:2]).permute(0, 3, 1, 2),
                 output_attentions=True)
-  return dict(cfg=cfg, params=params, ids=ids, mask=mask, pixels=pixels, out=out)
+  return dict(cfg=cfg, params=params, ids=ids, mask=mask, pixels=pixels, out=out,
+              path=path)
 
 
 def test_config_read_from_hf(llava):
@@ -154,3 +155,43 @@ def test_connector_gelu_is_exact_erf():
   with pytest.raises(ValueError, match="mlp2x_gelu"):
     adapter.parse_connector("mlp2x_relu")
   assert adapter.parse_connector("mlp3x_gelu") == 3
+
+
+def test_greedy_generation_with_kv_cache_matches_hf(llava):
+  cfg, params = llava["cfg"], llava["params"]
+  model = F.load_llava(llava["path"])
+  ids, mask, pixels = llava["ids"][:2], llava["mask"][:2], llava["pixels"][:2]
+  steps = 4
+
+  @jax.jit
+  def prefill(params, ids, mask, pixels):
+    pos, _ = mllm.visual_positions(ids, cfg.image_token_id, NV)
+    image = mllm.post(cfg, params, mllm.adapt(cfg, params, mllm.encode_images(
+        cfg, params, pixels)))
+    cache = mllm.init_cache(cfg, ids.shape[0], ids.shape[1] + steps)
+    hidden, inter = mllm.decode(cfg, params, mllm.embed(cfg, params, ids, image), mask,
+                                cache=cache)
+    return hidden, inter["cache"]
+
+  @jax.jit
+  def step(params, token, cache):
+    hidden, inter = mllm.decode(cfg, params, mllm.embed(cfg, params, token, None),
+                                jnp.ones(token.shape, jnp.int32), cache=cache)
+    return hidden[:, -1] @ mllm.lm_head_kernel(cfg, params), inter["cache"]
+
+  hidden, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+  last = mask.sum(-1) - 1
+  token = jnp.argmax(hidden[np.arange(2), last] @ mllm.lm_head_kernel(cfg, params), -1)
+  generated = [np.asarray(token)]
+  for _ in range(steps - 1):
+    logits, cache = step(params, token[:, None], cache)
+    token = jnp.argmax(logits, -1)
+    generated.append(np.asarray(token))
+  ours = np.stack(generated, 1)
+  for b in range(2):
+    n = int(mask[b].sum())
+    with torch.no_grad():
+      out = model.generate(input_ids=torch.from_numpy(ids[b:b + 1, :n]).long(),
+                           pixel_values=torch.from_numpy(pixels[b:b + 1]).permute(0, 3, 1, 2),
+                           max_new_tokens=steps, do_sample=False)
+    np.testing.assert_array_equal(ours[b], out[0, n:].numpy())
