@@ -33,6 +33,7 @@ def test_logits_match_hf_with_right_padding(tmp_path, gqa, tie):
   cfg, params = hf.load_qwen2(str(tmp_path))
   assert cfg.tie_embeddings == tie and ("lm_head" in params) == (not tie)
   assert cfg.num_kv_heads == (2 if gqa else 4)
+  assert cfg.rope_theta == 500.0 and cfg.rms_norm_eps == 1e-5  # non-default values
   ids, mask = _batch([9, 5, 12], 12)
   ours, _ = _lm(cfg, params, ids, jnp.asarray(mask))
   with torch.no_grad():
