@@ -333,6 +333,15 @@ def fold_post_connector(cfg: mllm.MllmConfig, params: dict) -> tuple[mllm.MllmCo
   """TAF student -> plain mlp{N}x_gelu model: fcN' = post ∘ fcN (exact, one linear)."""
   if cfg.post_connector_in is None:
     return cfg, params
+  if cfg.post_connector_in != cfg.text.hidden_size:
+    # GELU sits between fc1 and fc2, so only fcN and post merge; the intermediate width
+    # stays the teacher's, which neither mlp{N}x_gelu nor HF LLaVA's projector can hold.
+    raise ValueError(
+        f"This TAF student's projector is {cfg.vision.hidden_size}->"
+        f"{cfg.post_connector_in}->(gelu)->{cfg.text.hidden_size}; a plain "
+        f"mlp{cfg.adapter_depth}x_gelu (and HF LLaVA, whose linear_1 must output text "
+        f"hidden_size={cfg.text.hidden_size}) cannot hold a teacher-width intermediate. "
+        "Only students whose teacher hidden equals the student hidden fold.")
   last = f"fc{cfg.adapter_depth}"
   fc, post = params["adapter"][last], params["post"]
   kernel = jnp.asarray(fc["kernel"], jnp.float32) @ jnp.asarray(post["kernel"], jnp.float32)
@@ -352,13 +361,6 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
   if config.adapter_depth != 2:
     raise ValueError(f"HF LLaVA has a 2-layer projector; adapter_depth="
                      f"{config.adapter_depth}.")
-  if config.post_connector_in not in (None, config.text.hidden_size):
-    raise ValueError(
-        f"This TAF student's projector is {config.vision.hidden_size}->"
-        f"{config.post_connector_in}->(gelu)->{config.text.hidden_size}; HF LLaVA's "
-        f"linear_1 must output text hidden_size={config.text.hidden_size}, so it cannot "
-        "hold a teacher-width intermediate. Only students whose teacher hidden equals "
-        "the student hidden export as plain LLaVA.")
   cfg, params = fold_post_connector(config, params)
   n_vis = siglip.layers_needed(cfg.vision, cfg.feature_layer)
   dtype = dtype or cfg.param_dtype

@@ -24,7 +24,7 @@ def qwen2_config(gqa: bool = True, tie: bool = False,
   return transformers.Qwen2Config(
       vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
-      max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+      max_position_embeddings=256, rope_theta=500.0, rms_norm_eps=1e-5,
       tie_word_embeddings=tie, use_sliding_window=False)
 
 

@@ -16,6 +16,9 @@ def _lm(cfg, params, ids, mask=None, cache=None, **kw):
                                        method=qwen.Decoder.lm)
 
 
+_jit_lm = jax.jit(_lm, static_argnums=0)
+
+
 def _batch(lengths, total, seed=0, vocab=F.VOCAB):
   rng = np.random.RandomState(seed)
   ids = rng.randint(1, vocab, size=(len(lengths), total)).astype(np.int32)
@@ -30,6 +33,7 @@ def test_logits_match_hf_with_right_padding(tmp_path, gqa, tie):
   cfg, params = hf.load_qwen2(str(tmp_path))
   assert cfg.tie_embeddings == tie and ("lm_head" in params) == (not tie)
   assert cfg.num_kv_heads == (2 if gqa else 4)
+  assert cfg.rope_theta == 500.0 and cfg.rms_norm_eps == 1e-5  # non-default values
   ids, mask = _batch([9, 5, 12], 12)
   ours, _ = _lm(cfg, params, ids, jnp.asarray(mask))
   with torch.no_grad():
@@ -43,8 +47,9 @@ def test_logits_match_hf_with_right_padding(tmp_path, gqa, tie):
 def tiny():
   cfg = qwen.QwenConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8, mlp_dim=48, rope_theta=10000.0)
-  params = qwen.Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
-                                  method=qwen.Decoder.init_all)["params"]
+  init = jax.jit(lambda r: qwen.Decoder(cfg).init(r, jnp.zeros((1, 4), jnp.int32),
+                                                  method=qwen.Decoder.init_all))
+  params = init(jax.random.PRNGKey(0))["params"]
   return cfg, params
 
 
@@ -53,10 +58,10 @@ def test_kv_cached_decoding_equals_uncached_forward(tiny):
   lengths, steps = np.array([6, 3]), 4
   full, _ = _batch(lengths + steps, 10, seed=1, vocab=64)  # each row: prompt then `steps` tokens
   prompt = np.where(np.arange(6)[None] < lengths[:, None], full[:, :6], F.PAD)
-  ref, _ = _lm(cfg, params, full, jnp.asarray((full != F.PAD).astype(np.int32)))
+  ref, _ = _jit_lm(cfg, params, full, jnp.asarray((full != F.PAD).astype(np.int32)))
   assert np.isfinite(np.asarray(ref)).all()
   cache = qwen.init_cache(cfg, batch_size=2, max_len=12)
-  logits, inter = _lm(cfg, params, prompt,
+  logits, inter = _jit_lm(cfg, params, prompt,
                       jnp.asarray((np.arange(6)[None] < lengths[:, None]).astype(np.int32)),
                       cache)
   for b, n in enumerate(lengths):
@@ -79,8 +84,9 @@ def test_remat_gives_same_values_and_grads(tiny):
   def loss(p, remat):
     logits, _ = _lm(cfg, p, ids, jnp.asarray(mask), remat=remat)
     return jnp.mean(logits ** 2)
-  g0 = jax.grad(loss)(params, None)
-  g1 = jax.grad(loss)(params, "nothing_saveable")
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g0 = grad(params, None)
+  g1 = grad(params, "nothing_saveable")
   assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(g0))
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6)

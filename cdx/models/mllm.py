@@ -31,8 +31,10 @@ class MllmConfig:
   post_connector_in: int | None = None  # TAF: teacher hidden size feeding `post`
   feature_layer: int = -2  # HF hidden_states index of the vision tower
   feature_select: str = "default"  # "default" drops the first token, "full" keeps all
-  pad_token_id: int = 151646  # <|extra_0|> (SPEC §3); != eos
-  eos_token_id: int = 151643  # <|endoftext|>
+  # Qwen checkpoints: eos <|endoftext|> = 151643, pad <|extra_0|> (SPEC §3, != eos);
+  # the data/tokenizer side sets them, None = unknown.
+  pad_token_id: int | None = None
+  eos_token_id: int | None = None
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str | None = None  # jax.checkpoint_policies name for decoder layers, or None
@@ -45,6 +47,11 @@ class MllmConfig:
     if not 0 <= self.image_token_id < self.text.vocab_size:
       raise ValueError(f"image_token_id={self.image_token_id} must index the embedding "
                        f"table (vocab_size={self.text.vocab_size}).")
+    for name in ("pad_token_id", "eos_token_id"):
+      value = getattr(self, name)
+      if value is not None and not 0 <= value < self.text.vocab_size:
+        raise ValueError(f"{name}={value} is outside the vocabulary "
+                         f"(vocab_size={self.text.vocab_size}).")
     siglip.layers_needed(self.vision, self.feature_layer)
     for name in ("dtype", "param_dtype"):
       try:
@@ -70,8 +77,12 @@ def num_visual_tokens(cfg: MllmConfig) -> int:
   return cfg.vision.num_patches - (1 if cfg.feature_select == "default" else 0)
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def _concrete(x) -> np.ndarray | None:
+  """x as numpy, or None while tracing (values unknown until run time)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def visual_positions(input_ids: jax.Array, image_token_id: int,
@@ -82,8 +93,9 @@ def visual_positions(input_ids: jax.Array, image_token_id: int,
   (under jit the count cannot be checked).
   """
   is_img = input_ids == image_token_id
-  if _is_concrete(input_ids):
-    counts = np.asarray(is_img).sum(-1)
+  ids = _concrete(input_ids)
+  if ids is not None:
+    counts = (ids == image_token_id).sum(-1)
     bad = [(i, int(c)) for i, c in enumerate(counts) if c not in (0, num_visual)]
     if bad:
       raise ValueError(f"Rows (index, count) {bad} hold a number of image tokens "
