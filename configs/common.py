@@ -153,7 +153,8 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       train=config_dict.placeholder(str),  # LLaVA json/jsonl; several: "a.json:2,b.json:1"
       image_root=config_dict.placeholder(str),
       tokenizer=config_dict.placeholder(str),
-      template="pretrain" if stage == "pretrain" else "qwen2_base",
+      # Caption data (pretrain, DPT) uses the `pretrain` template; instructions qwen2_base.
+      template="pretrain" if stage in ("pretrain", "dpt") else "qwen2_base",
       image_mode="square",
       worker_count=0 if tiny else 8,
       strict=False,
@@ -162,7 +163,7 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       synthetic_train=4000,
   ))
   if tiny:
-    c.data.train = "pretrain.json" if stage == "pretrain" else "instruct.json"
+    c.data.train = "pretrain.json" if stage in ("pretrain", "dpt") else "instruct.json"
 
   # Hardware.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
