@@ -12,8 +12,9 @@ Stages and the graph between them (SPEC §7). `<dir>` names the folder under --w
 
 Presets:
   tiny   synthetic world, tiny SigLIP/Qwen-shaped models, minutes on a laptop CPU. The tiny
-         LLMs start from random weights, so their "pretrain" also trains the LLM (there is no
-         pretrained base to keep frozen); every other rule is the paper's.
+         LLMs start from random weights, so their "pretrain" also trains the LLM and the
+         teacher's finetune is a full finetune (there is no pretrained base to adapt); every
+         other rule is the paper's.
   paper  SigLIP so400m-patch14-384, Qwen1.5-1.8B student, Qwen1.5-4B teacher, SPEC §7
          hyperparameters. Weights and data come from local paths given as overrides.
 """
@@ -129,10 +130,10 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       max_nonfinite=100,  # Halt after this many skipped (non-finite) steps in a row.
   ))
   c.lora = ml_collections.ConfigDict(dict(
-      enabled=bool(rules["lora_targets"]), rank=8 if tiny else 128,
-      alpha=16.0 if tiny else 256.0,
+      enabled=bool(rules["lora_targets"]), rank=32 if tiny else 128,
+      alpha=64.0 if tiny else 256.0,
       targets=params_lib.DEFAULT_LORA_TARGETS,  # Every linear of the LLM but lm_head.
-      full_finetune=False,  # True: train the whole LLM instead of LoRA.
+      full_finetune=tiny and stage == "finetune",  # True: the whole LLM, no LoRA.
   ))
 
   # Objective (SPEC §5). Weights are 0 where a stage does not use a term.
