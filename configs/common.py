@@ -170,13 +170,14 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.param_dtype = "float32"
   c.compute_dtype = "float32" if tiny else "bfloat16"
-  c.remat = "none" if tiny else "full"
+  # Decoder-layer rematerialization: "none" or a jax.checkpoint_policies name
+  # ("nothing_saveable" recomputes the whole layer in the backward pass).
+  c.remat = "none" if tiny else "nothing_saveable"
 
   # Outputs.
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if tiny else 500, keep=2,
                                                 async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=1 if tiny else 10, tensorboard=True,
-                                         progress=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=1 if tiny else 10, progress=True))
   c.export_hf = True
   c.halt_on_nonfinite = False
 
