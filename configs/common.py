@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from cdx.config import parse_arg
 from cdx.train import params as params_lib  # Trainable patterns per stage (SPEC §7).
 
 PRESETS = ("tiny", "paper")
@@ -182,3 +183,14 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
   c.halt_on_nonfinite = False
 
   return c
+
+
+def from_arg(stage: str, arg: str | None) -> ml_collections.ConfigDict:
+  """`configs/<stage>.py:ARG` -> config; ARG = PRESET[,role=student]."""
+  preset, options = parse_arg(arg, PRESETS)
+  role = options.pop("role", "teacher")
+  if options:
+    raise ValueError(f"Unknown config arguments {sorted(options)}; only role= is accepted.")
+  if role != "teacher" and stage not in ("pretrain", "finetune"):
+    raise ValueError(f"role={role} only applies to pretrain.py and finetune.py.")
+  return get_config(stage, preset, role)

@@ -5,12 +5,7 @@
 PRESET is `tiny` (default) or `paper`; see configs/common.py for the stage graph.
 """
 from configs import common
-from cdx.config import parse_arg
 
 
 def get_config(arg=None):
-  preset, options = parse_arg(arg, common.PRESETS)
-  role = options.pop("role", "teacher")
-  if options:
-    raise ValueError(f"Unknown config arguments {sorted(options)}; only role= is accepted.")
-  return common.get_config("sft", preset, role)
+  return common.from_arg("sft", arg)
