@@ -80,9 +80,10 @@ def _last_logits(cfg, params, hidden, positions):
 
 # ------------------------------------------------------------------------------ generate
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _generate(cfg, params, input_ids, attention_mask, pixel_values, rng, temperature,
-              top_k, top_p, *, max_new_tokens, eos_id, pad_id):
+              top_k, top_p, eos_id, pad_id, *, max_new_tokens):
+  # Sampling settings and special ids are traced: one compiled loop per shape serves all.
   batch, length = input_ids.shape
   embeds = mllm.embed(cfg, params, input_ids, _image_embeds(cfg, params, pixel_values))
   cache = mllm.init_cache(cfg, batch, length + max_new_tokens)
@@ -161,8 +162,8 @@ def generate(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask, pixe
   return _generate(cfg, params, jnp.asarray(input_ids, jnp.int32),
                    jnp.asarray(attention_mask, jnp.int32), pixels, rng,
                    jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                   max_new_tokens=int(max_new_tokens),
-                   eos_id=-1 if eos_id is None else int(eos_id), pad_id=int(pad_id))
+                   jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
+                   max_new_tokens=int(max_new_tokens))
 
 
 # ------------------------------------------------------------------------------ scoring
