@@ -122,6 +122,7 @@ def test_sampling_probs():
     assert set(order[:need]) == set(np.flatnonzero(kept))
 
 
+@pytest.mark.slow
 def test_score_options_match_forward(llava):
   cfg, params = llava["cfg"], llava["params"]
   forward = jax.jit(mllm.forward, static_argnums=0)

@@ -56,10 +56,15 @@ def sampling_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 def next_token(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """int32 [B]: argmax when temperature == 0, else a draw from `sampling_probs`."""
-  greedy = jnp.argmax(logits, axis=-1)
-  probs = sampling_probs(logits, jnp.maximum(temperature, 1e-6), top_k, top_p)
-  sampled = jax.random.categorical(rng, jnp.log(probs), axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sample(logits):
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+  # A real branch: greedy decoding skips the vocab-wide sort of the sampling path.
+  return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 # ------------------------------------------------------------------------------ prefill
