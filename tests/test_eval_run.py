@@ -1,0 +1,145 @@
+"""cdx.eval.run + launch/eval.py on a tiny random model and a tiny synthetic export."""
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cdx import checkpoint as ckpt_lib
+from cdx import hf
+from cdx.data import tokenizer as tokenizer_lib
+from cdx.data.synthetic import export
+from cdx.eval import generate as gen
+from cdx.eval import run
+from cdx.eval import scoring
+from cdx.models import mllm
+from cdx.train import loop
+from launch import eval as eval_cli
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+  """workdir/{data (synthetic export), tiny (a stage dir: final/ + model.json)}."""
+  work = tmp_path_factory.mktemp("work")
+  tok_dir = export.ensure(str(work / "data"), num_train=8, seed=0, vocab_size=1024,
+                          num_eval=2)
+  tok, ids = tokenizer_lib.load_tokenizer(tok_dir)
+  cfg = mllm.make_config(
+      dict(image_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2,
+           mlp_dim=64),
+      dict(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+           head_dim=16, mlp_dim=64, rope_theta=10000.0),
+      image_token_id=ids.image, pad_token_id=ids.pad, eos_token_id=ids.eos)
+  params = mllm.init_params(cfg, jax.random.key(0))
+  stage_dir = work / "tiny"
+  ckpt_lib.save_params(str(stage_dir / "final"), params)
+  with open(stage_dir / "model.json", "w") as f:
+    json.dump({"config": loop.config_to_dict(cfg), "template": "qwen2_base",
+               "tokenizer": loop.tokenizer_fingerprint(tok)}, f)
+  return dict(work=work, dir=str(stage_dir), data=str(work / "data"), cfg=cfg,
+              params=params, tok=tok, ids=ids)
+
+
+def _leaves(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+@pytest.mark.slow
+def test_cli_writes_every_metric(stage, capsys):
+  out = str(stage["work"] / "eval.json")
+  assert eval_cli.main([f"--model={stage['dir']}", "--limit=1", f"--out={out}",
+                        "--batch_size=4"]) == 0
+  with open(out) as f:
+    results = json.load(f)
+  for split in ("seen", "heldout"):
+    r = results[split]
+    assert set(r) == {"sugarcrepe", "vqa", "winoground"}
+    assert set(r["sugarcrepe"]["subsets"]) == set(scoring.SUGARCREPE_SUBSETS)
+    assert "overall" in r["sugarcrepe"] and "accuracy" in r["vqa"]
+    assert set(r["winoground"]) == {"text", "image", "group"}
+    for name, value in _leaves(r):
+      assert isinstance(value, float) and 0.0 <= value <= 1.0, (split, name, value)
+    assert results["details"][split]["sugarcrepe"]["missing_subsets"] == []
+  # 7 SugarCrepe files + vqa + winoground per split, each named with its hash.
+  assert len(results["sources"]) == 18 and all("sha1" in s for s in results["sources"])
+  assert results["settings"]["limit"] == 1 and results["settings"]["max_new_tokens"] == 32
+  assert "records" not in results
+  printed = capsys.readouterr().out
+  assert "heldout" in printed and out in printed
+
+
+def _items(stage, n):
+  sets = run.benchmarks.read_synthetic(os.path.join(stage["data"], "eval"))
+  return sets["vqa"][:n]
+
+
+def _model(stage):
+  return run.load_model(stage["dir"], data_dir=stage["data"])
+
+
+@pytest.mark.slow
+def test_generate_batches_do_not_change_replies(stage):
+  model, items = _model(stage), _items(stage, 2)
+  items = items + [dict(items[0], prompt="What is it?")]  # a shorter prompt in the batch
+  one = run.make_generate(model, batch_size=1, max_new_tokens=5)(items)
+  batched = run.make_generate(model, batch_size=2, max_new_tokens=5)(items)  # pads a row
+  assert one == batched and len(one) == 3 and all(isinstance(r, str) for r in one)
+  # The reply is the tokenizer's decoding of gen.generate on the same prompt.
+  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  tokens, lengths = gen.generate(model.cfg, model.params, ids, mask, pixels, 5,
+                                 model.ids.eos, model.ids.pad)
+  want = model.tokenizer.decode(np.asarray(tokens)[0, :int(lengths[0])].tolist(),
+                                skip_special_tokens=True).strip()
+  assert one[0] == want
+
+
+def test_score_is_probability_of_yes(stage):
+  model = _model(stage)
+  items = [dict(it, prompt=scoring.yes_no_prompt("a red circle")) for it in _items(stage, 2)]
+  one = run.make_score(model, batch_size=1)(items)
+  batched = run.make_score(model, batch_size=4)(items)
+  np.testing.assert_allclose(one, batched, rtol=1e-4)
+  assert all(0.0 < p < 1.0 for p in one)
+  yes = model.tokenizer(run.YES, add_special_tokens=False)["input_ids"]
+  no = model.tokenizer(" No", add_special_tokens=False)["input_ids"]
+  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  logp = np.asarray(gen.score_options(model.cfg, model.params, ids, mask, pixels, [yes, no],
+                                      pad_id=model.ids.pad))
+  assert math.isclose(one[0], float(np.exp(logp[0, 0])), rel_tol=1e-4)
+  assert np.exp(logp[0]).sum() <= 1.0 + 1e-6  # two disjoint answers of one distribution
+
+
+@pytest.mark.slow
+def test_hf_dir_gives_the_same_replies(stage, tmp_path):
+  hf_dir = str(tmp_path / "hf")
+  hf.save_llava(stage["cfg"], stage["params"], hf_dir)
+  stage["tok"].save_pretrained(hf_dir)
+  items = _items(stage, 1)
+  a = run.make_generate(_model(stage), 1, 5)(items)
+  b = run.make_generate(run.load_model(hf_dir), 1, 5)(items)
+  assert a == b
+
+
+def test_errors(stage, tmp_path, capsys):
+  with pytest.raises(ValueError, match="neither model.json"):
+    run.load_model(str(tmp_path), tokenizer=os.path.join(stage["data"], "tokenizer"))
+  with pytest.raises(ValueError, match="no tokenizer"):
+    run.load_model(str(tmp_path))
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  with open(os.path.join(stage["dir"], "model.json")) as f:
+    info = json.load(f)
+  with open(bad / "model.json", "w") as f:
+    json.dump({**info, "tokenizer": "0123456789abcdef"}, f)
+  with pytest.raises(ValueError, match="fingerprint"):
+    run.load_model(str(bad), data_dir=stage["data"])
+  with pytest.raises(ValueError, match="no eval/"):
+    run.evaluate_synthetic(_model(stage), str(tmp_path))
+  assert eval_cli.main([f"--model={tmp_path}", f"--data={stage['data']}"]) == 2
+  assert "neither model.json" in capsys.readouterr().err
