@@ -444,12 +444,9 @@ def export_stage(s: Setup) -> dict:
              "metrics": os.path.join(s.stage_dir, "metrics.jsonl")}
   if s.cfg.export_hf and jax.process_index() == 0:
     hf_dir = os.path.join(s.stage_dir, "hf")
-    try:
-      hf.save_llava(s.model_cfg, jax.device_get(params), hf_dir)
-      s.tokenizer.save_pretrained(hf_dir)
-      outputs["hf"] = hf_dir
-    except ValueError as e:  # TODO(lead): TAF students with teacher-width projectors.
-      print(f"[{s.cfg.name}] HF export skipped: {e}")
+    hf.save_llava(s.model_cfg, jax.device_get(params), hf_dir)
+    s.tokenizer.save_pretrained(hf_dir)
+    outputs["hf"] = hf_dir
   return outputs
 
 
