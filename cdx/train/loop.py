@@ -274,7 +274,8 @@ def build(cfg, workdir: str) -> Setup:
       raise UserError(f"Stage '{cfg.name}' builds a TAF student but has no teacher.")
     params = taf.make_taf_student(params, teacher, jax.random.key(cfg.seed + 3))
     model_cfg = dataclasses.replace(model_cfg, post_connector_in=teacher_cfg.text.hidden_size,
-                                    adapter_depth=teacher_cfg.adapter_depth)
+                                    adapter_depth=teacher_cfg.adapter_depth,
+                                    adapter_hidden=teacher_cfg.adapter_hidden)
   params = _cast(params, cfg.param_dtype)
   student_layers, groups = (), ()
   if teacher is not None:
