@@ -144,6 +144,12 @@ def test_taf_student_wider_teacher_exports_remote_code(tmp_path):
   assert first.keys() == second.keys()
   for k in first:
     np.testing.assert_array_equal(first[k], second[k])
+  # transformers' own save_pretrained of the remote-code model reads back the same.
+  model.save_pretrained(str(tmp_path / "resaved"))
+  cfg3, params3 = hf.load_llava(str(tmp_path / "resaved"))
+  assert cfg3.adapter_hidden == 48
+  for a, b in zip(jax.tree_util.tree_leaves(params2), jax.tree_util.tree_leaves(params3)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_taf_student_narrower_teacher_pads_to_stock_llava(tmp_path):
