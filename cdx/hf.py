@@ -17,18 +17,23 @@ language_model.lm_head.weight; SigLIP without a `vision_model.` level); other sp
 Export writes config.json + one model.safetensors. The vision tower is written truncated to the layers the
 feature layer needs (HF `vision_feature_layer` becomes -1, no head), which computes the
 same features. A TAF student's post-connector is folded into the projector's second
-linear (post ∘ fc2 is one linear map).
+linear (post ∘ fc2 is one linear map); the projector's intermediate width then stays the
+teacher's hidden Ht, which stock HF LLaVA cannot hold unless Ht == the text hidden Hs:
+Ht < Hs is zero-padded to Hs (exact), Ht > Hs writes a `projector_hidden_size` and a small
+remote-code model file (cdx/modeling_cdx_llava.py). docs/EXPORT.md has the details.
 """
 import dataclasses
 import json
 import os
 import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from cdx.distill import taf
 from cdx.models import mllm
 from cdx.models import qwen
 from cdx.models import siglip
@@ -87,12 +92,18 @@ def _qwen_table(cfg: qwen.QwenConfig, ours: str, theirs: str,
   return rows
 
 
-def _llava_table(cfg: mllm.MllmConfig) -> list:
-  n_vis = siglip.layers_needed(cfg.vision, cfg.feature_layer)
-  rows = _siglip_table(n_vis, "vision/", "vision_tower.")
-  rows += [(f"adapter/fc{n}/{o}", f"multi_modal_projector.linear_{n}.{t}", f)
+def _llava_table(cfg: mllm.MllmConfig, in_memory: bool = False) -> list:
+  """Rows in save_pretrained's spelling, or (in_memory) the module names of transformers 5
+  LLaVA (model.vision_tower. / model.multi_modal_projector. / model.language_model. /
+  lm_head.), which load without HF's per-class renaming (skipped for remote code)."""
+  model = "model." if in_memory else ""
+  rows = _siglip_table(siglip.layers_needed(cfg.vision, cfg.feature_layer), "vision/",
+                       model + "vision_tower.")
+  rows += [(f"adapter/fc{n}/{o}", f"{model}multi_modal_projector.linear_{n}.{t}", f)
            for n in (1, 2) for o, t, f in (("kernel", "weight", "linear"),
                                            ("bias", "bias", "copy"))]
+  if in_memory:
+    return rows + _qwen_table(cfg.text, "llm/", "model.language_model.", "lm_head.weight")
   return rows + _qwen_table(cfg.text, "llm/", "language_model.model.",
                             "language_model.lm_head.weight")
 
@@ -294,7 +305,10 @@ def _rename_llava(key: str) -> str:
 
 
 def load_llava(path: str, dtype: str = "float32") -> tuple[mllm.MllmConfig, dict]:
-  """LlavaForConditionalGeneration dir (SigLIP + Qwen2) -> (MllmConfig, params)."""
+  """LlavaForConditionalGeneration dir (SigLIP + Qwen2) -> (MllmConfig, params).
+
+  Also reads cdx's remote-code exports: `projector_hidden_size` -> cfg.adapter_hidden.
+  """
   d = _read_config(path)
   vis, txt = d.get("vision_config", {}), d.get("text_config", {})
   if vis.get("model_type") not in ("siglip_vision_model", "siglip"):
@@ -317,8 +331,12 @@ def load_llava(path: str, dtype: str = "float32") -> tuple[mllm.MllmConfig, dict
                              ("pad_token_id", d.get("pad_token_id",
                                                     txt.get("pad_token_id"))))
            if isinstance(v, int)}
+  text_cfg = _qwen_config(txt, tie=tie)
+  # cdx exports of TAF students with a teacher wider than the student (docs/EXPORT.md).
+  width = d.get("projector_hidden_size") or text_cfg.hidden_size
   cfg = mllm.MllmConfig(
-      vision=_siglip_config(vis), text=_qwen_config(txt, tie=tie),
+      vision=_siglip_config(vis), text=text_cfg,
+      adapter_hidden=None if width == text_cfg.hidden_size else width,
       image_token_id=image_token, feature_layer=feature_layer,
       feature_select=d.get("vision_feature_select_strategy", "default"),
       dtype=dtype, param_dtype=dtype, **extra)
@@ -330,38 +348,57 @@ def load_llava(path: str, dtype: str = "float32") -> tuple[mllm.MllmConfig, dict
 
 
 def fold_post_connector(cfg: mllm.MllmConfig, params: dict) -> tuple[mllm.MllmConfig, dict]:
-  """TAF student -> plain mlp{N}x_gelu model: fcN' = post ∘ fcN (exact, one linear)."""
+  """TAF student -> plain (non-TAF) model: fcN' = post ∘ fcN (exact, one linear).
+
+  GELU sits between fc1 and fc2, so only fcN and post merge: the intermediate width stays
+  the teacher's, recorded as `adapter_hidden` (None when it equals the student hidden).
+  """
   if cfg.post_connector_in is None:
     return cfg, params
-  if cfg.post_connector_in != cfg.text.hidden_size:
-    # GELU sits between fc1 and fc2, so only fcN and post merge; the intermediate width
-    # stays the teacher's, which neither mlp{N}x_gelu nor HF LLaVA's projector can hold.
-    raise ValueError(
-        f"This TAF student's projector is {cfg.vision.hidden_size}->"
-        f"{cfg.post_connector_in}->(gelu)->{cfg.text.hidden_size}; a plain "
-        f"mlp{cfg.adapter_depth}x_gelu (and HF LLaVA, whose linear_1 must output text "
-        f"hidden_size={cfg.text.hidden_size}) cannot hold a teacher-width intermediate. "
-        "Only students whose teacher hidden equals the student hidden fold.")
-  last = f"fc{cfg.adapter_depth}"
-  fc, post = params["adapter"][last], params["post"]
-  kernel = jnp.asarray(fc["kernel"], jnp.float32) @ jnp.asarray(post["kernel"], jnp.float32)
-  bias = (jnp.asarray(fc["bias"], jnp.float32) @ jnp.asarray(post["kernel"], jnp.float32)
-          + jnp.asarray(post["bias"], jnp.float32))
-  adapter = dict(params["adapter"])
-  adapter[last] = {"kernel": kernel.astype(fc["kernel"].dtype),
-                   "bias": bias.astype(fc["bias"].dtype)}
+  if "post" not in params:
+    raise ValueError("cfg.post_connector_in is set but params have no 'post' subtree.")
+  width = cfg.adapter_width
   folded = {k: v for k, v in params.items() if k != "post"}
-  folded["adapter"] = adapter
-  return dataclasses.replace(cfg, post_connector_in=None), folded
+  folded["adapter"] = taf.fold_post_connector(params["adapter"], params["post"])
+  hidden = None if width == cfg.text.hidden_size else width
+  return dataclasses.replace(cfg, post_connector_in=None, adapter_hidden=hidden), folded
+
+
+def _pad_projector(adapter: dict, width: int) -> dict:
+  """mlp2x_gelu with intermediate W < width -> W = width, same function.
+
+  fc1 gets zero output columns and zero bias (gelu(0) = 0), fc2 zero input rows.
+  """
+  fc1, fc2 = adapter["fc1"], adapter["fc2"]
+  extra = width - fc1["kernel"].shape[1]
+  return dict(adapter,
+              fc1={"kernel": jnp.pad(jnp.asarray(fc1["kernel"]), ((0, 0), (0, extra))),
+                   "bias": jnp.pad(jnp.asarray(fc1["bias"]), (0, extra))},
+              fc2=dict(fc2, kernel=jnp.pad(jnp.asarray(fc2["kernel"]), ((0, extra), (0, 0)))))
+
+
+REMOTE_CODE = "modeling_cdx_llava.py"
+_REMOTE_AUTO_MAP = {
+    "AutoConfig": "modeling_cdx_llava.CdxLlavaConfig",
+    "AutoModelForImageTextToText": "modeling_cdx_llava.CdxLlavaForConditionalGeneration"}
 
 
 def save_llava(config: mllm.MllmConfig, params: dict, path: str,
                dtype: str | None = None) -> None:
-  """Writes an HF LlavaForConditionalGeneration dir (config.json + model.safetensors)."""
+  """Writes an HF LLaVA dir (config.json + model.safetensors), see docs/EXPORT.md.
+
+  TAF students are folded first. Projector intermediate width W vs text hidden H:
+  W == H: stock LlavaForConditionalGeneration. W < H: zero-padded to H (exact), stock.
+  W > H: stock layout + `projector_hidden_size` = W + remote code (modeling_cdx_llava.py,
+  auto_map); load with trust_remote_code=True. Stock LLaVA refuses it (shape mismatch).
+  """
   if config.adapter_depth != 2:
     raise ValueError(f"HF LLaVA has a 2-layer projector; adapter_depth="
                      f"{config.adapter_depth}.")
   cfg, params = fold_post_connector(config, params)
+  width, hidden = cfg.adapter_width, cfg.text.hidden_size
+  if width < hidden:
+    params = dict(params, adapter=_pad_projector(params["adapter"], hidden))
   n_vis = siglip.layers_needed(cfg.vision, cfg.feature_layer)
   dtype = dtype or cfg.param_dtype
   text = _qwen_hf(cfg.text, cfg.eos_token_id, cfg.pad_token_id)
@@ -374,9 +411,18 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
       "tie_word_embeddings": cfg.text.tie_embeddings, "pad_token_id": cfg.pad_token_id,
       "vision_config": _siglip_hf(cfg.vision, n_vis), "text_config": text,
       "dtype": str(jnp.dtype(dtype))}
-  _save(params, _llava_table(dataclasses.replace(cfg, feature_layer=-1, vision=dataclasses
-                                                 .replace(cfg.vision, num_layers=n_vis))),
-        path, hf_config, dtype)
+  remote = os.path.join(path, REMOTE_CODE)
+  if width > hidden:
+    hf_config.update(architectures=["CdxLlavaForConditionalGeneration"],
+                     projector_hidden_size=width, auto_map=_REMOTE_AUTO_MAP)
+  table = _llava_table(dataclasses.replace(
+      cfg, feature_layer=-1, vision=dataclasses.replace(cfg.vision, num_layers=n_vis)),
+      in_memory=width > hidden)
+  _save(params, table, path, hf_config, dtype)
+  if width > hidden:
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), REMOTE_CODE), remote)
+  elif os.path.exists(remote):  # a stale copy from an earlier export to this dir
+    os.remove(remote)
 
 
 def save_qwen2(config: qwen.QwenConfig, params: dict, path: str,

@@ -97,21 +97,83 @@ def test_taf_student_folds_into_plain_llava(tmp_path):
   assert saved["vision_feature_layer"] == -1
 
 
-def test_fold_post_connector_is_exact():
-  cfg = _tiny_cfg(post_in=32)
+@pytest.mark.parametrize("post_in", [32, 48])
+def test_fold_post_connector_is_exact(post_in):
+  cfg = _tiny_cfg(post_in=post_in)
   params = _init(cfg, jax.random.PRNGKey(2))
   folded_cfg, folded = hf.fold_post_connector(cfg, params)
   assert folded_cfg.post_connector_in is None and "post" not in folded
+  # The intermediate width stays the teacher's; None means "the text hidden" (32).
+  assert folded_cfg.adapter_hidden == (None if post_in == 32 else post_in)
+  assert folded["adapter"]["fc1"]["kernel"].shape == (24, post_in)
+  assert folded["adapter"]["fc2"]["kernel"].shape == (post_in, 32)
   ids, mask, pixels = _inputs(2)
   np.testing.assert_allclose(_ours(folded_cfg, folded, ids, mask, pixels),
                              _ours(cfg, params, ids, mask, pixels), atol=1e-5)
 
 
-def test_taf_student_wider_than_student_cannot_be_plain_llava(tmp_path):
+def _tensors(path):
+  return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_taf_student_wider_teacher_exports_remote_code(tmp_path):
   cfg = _tiny_cfg(post_in=48)  # like 1152->2560->2560 + post 2560->2048
-  params = jax.eval_shape(lambda: mllm.init_params(cfg, jax.random.PRNGKey(2)))
-  with pytest.raises(ValueError, match="linear_1 must output"):
-    hf.save_llava(cfg, params, str(tmp_path))
+  params = _init(cfg, jax.random.PRNGKey(3))
+  ids, mask, pixels = _inputs(3)
+  ours = _ours(cfg, params, ids, mask, pixels)
+  out = str(tmp_path / "wide")
+  hf.save_llava(cfg, params, out)
+  saved = json.load(open(os.path.join(out, "config.json")))
+  assert saved["projector_hidden_size"] == 48
+  assert set(saved["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
+  assert os.path.isfile(os.path.join(out, hf.REMOTE_CODE))
+  model = transformers.AutoModelForImageTextToText.from_pretrained(
+      out, trust_remote_code=True, attn_implementation="eager").eval()
+  assert type(model).__name__ == "CdxLlavaForConditionalGeneration"
+  assert model.model.multi_modal_projector.linear_1.out_features == 48
+  _check_logits(_hf_logits(model, ids, mask, pixels), ours, mask)
+  # Stock LLaVA would build a 32-wide projector: HF must refuse, not load garbage.
+  with pytest.raises(Exception, match="mismatch"):
+    transformers.LlavaForConditionalGeneration.from_pretrained(out)
+  # Back into cdx: a plain model with a 48-wide adapter; same logits; re-export identical.
+  cfg2, params2 = hf.load_llava(out)
+  assert cfg2.adapter_hidden == 48 and cfg2.post_connector_in is None
+  _check_logits(_ours(cfg2, params2, ids, mask, pixels), ours, mask)
+  hf.save_llava(cfg2, params2, str(tmp_path / "again"))
+  first, second = _tensors(out), _tensors(str(tmp_path / "again"))
+  assert first.keys() == second.keys()
+  for k in first:
+    np.testing.assert_array_equal(first[k], second[k])
+  # transformers' own save_pretrained of the remote-code model reads back the same.
+  model.save_pretrained(str(tmp_path / "resaved"))
+  cfg3, params3 = hf.load_llava(str(tmp_path / "resaved"))
+  assert cfg3.adapter_hidden == 48
+  for a, b in zip(jax.tree_util.tree_leaves(params2), jax.tree_util.tree_leaves(params3)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_taf_student_narrower_teacher_pads_to_stock_llava(tmp_path):
+  cfg = _tiny_cfg(post_in=16)  # teacher hidden < student hidden
+  params = _init(cfg, jax.random.PRNGKey(4))
+  ids, mask, pixels = _inputs(4)
+  ours = _ours(cfg, params, ids, mask, pixels)
+  out = str(tmp_path / "narrow")
+  wide = _tiny_cfg(post_in=48)
+  hf.save_llava(wide, _init(wide, jax.random.PRNGKey(0)), out)  # leaves the remote file...
+  hf.save_llava(cfg, params, out)  # ...which a stock export to the same dir removes
+  assert not os.path.exists(os.path.join(out, hf.REMOTE_CODE))
+  saved = json.load(open(os.path.join(out, "config.json")))
+  assert "auto_map" not in saved and "projector_hidden_size" not in saved
+  assert saved["architectures"] == ["LlavaForConditionalGeneration"]
+  proj = _tensors(out)
+  w1 = proj["multi_modal_projector.linear_1.weight"]  # [out, in]: rows 16.. are padding
+  assert w1.shape == (32, 24) and not w1[16:].any()
+  assert not proj["multi_modal_projector.linear_1.bias"][16:].any()
+  assert not proj["multi_modal_projector.linear_2.weight"][:, 16:].any()
+  _check_logits(_hf_logits(F.load_llava(out), ids, mask, pixels), ours, mask)
+  cfg2, params2 = hf.load_llava(out)
+  assert cfg2.adapter_hidden is None
+  _check_logits(_ours(cfg2, params2, ids, mask, pixels), ours, mask)
 
 
 @pytest.fixture(scope="module")

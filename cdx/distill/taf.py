@@ -6,7 +6,8 @@ A TAF student's param tree (docs/ARCHITECTURE.md) holds, besides its own `vision
   post:    the trainable post-connector {"kernel" [Dt, Ds], "bias" [Ds]}, teacher hidden ->
            student hidden, initialised like a fresh torch.nn.Linear.
 Since post is linear and follows the adapter's last Linear, the two fold into one Linear
-[Dt, Ds] for export: the trained student becomes a plain mlp2x_gelu LLaVA model.
+[Dt, Ds] for export (`fold_post_connector`, used by cdx/hf.py): the trained student becomes
+a plain mlp2x_gelu model whose intermediate width stays Dt (docs/EXPORT.md).
 Which subtrees train is decided by the train config's path regexes, not here.
 """
 import re

@@ -1,8 +1,10 @@
 """Vision-to-language connectors, flax linen.
 
-`Connector` is LLaVA's `mlp{N}x_gelu`: N linears fc1..fcN, `in -> H`, then `H -> H`, with an
-exact (erf) GELU between them (PyTorch nn.GELU default). Weights N(0, 0.02), biases 0
-(LLaVA's initialisation). [B, Nv, D_in] -> [B, Nv, H].
+`Connector` is LLaVA's `mlp{N}x_gelu`: N linears fc1..fcN, `in -> W`, `W -> W`, ..., `W -> H`,
+with an exact (erf) GELU between them (PyTorch nn.GELU default). The intermediate width W is
+`hidden` (default H = `features`, LLaVA's layout); W != H only arises from folding a TAF
+post-connector into fcN (cdx/hf.py). Weights N(0, 0.02), biases 0 (LLaVA's initialisation).
+[B, Nv, D_in] -> [B, Nv, H].
 
 `PostConnector` is TAF's trainable Linear(teacher_hidden -> student_hidden) with PyTorch's
 default nn.Linear initialisation: kaiming-uniform(a=sqrt(5)) weight, i.e. U(+-1/sqrt(fan_in)),
@@ -26,11 +28,12 @@ def parse_connector(name: str) -> int:
 
 
 class Connector(nn.Module):
-  """mlp{depth}x_gelu: [..., D_in] -> [..., features]."""
+  """mlp{depth}x_gelu: [..., D_in] -> [..., features], intermediate width `hidden`."""
   features: int
   depth: int = 2
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  hidden: int | None = None  # None: features
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -38,7 +41,8 @@ class Connector(nn.Module):
     for i in range(self.depth):
       if i:
         x = nn.gelu(x, approximate=False)
-      x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+      width = self.features if i == self.depth - 1 else (self.hidden or self.features)
+      x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=nn.initializers.normal(0.02),
                    bias_init=nn.initializers.zeros, name=f"fc{i + 1}")(x)
     return x

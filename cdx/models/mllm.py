@@ -29,6 +29,9 @@ class MllmConfig:
   image_token_id: int
   adapter_depth: int = 2  # mlp{N}x_gelu
   post_connector_in: int | None = None  # TAF: teacher hidden size feeding `post`
+  # Intermediate width of the adapter (fc1..fc{N-1} outputs); None = adapter_out (LLaVA).
+  # Set by folding a TAF student whose teacher hidden != its own (cdx/hf.py, docs/EXPORT.md).
+  adapter_hidden: int | None = None
   feature_layer: int = -2  # HF hidden_states index of the vision tower
   feature_select: str = "default"  # "default" drops the first token, "full" keeps all
   # Qwen checkpoints: eos <|endoftext|> = 151643, pad <|extra_0|> (SPEC §3, != eos);
@@ -44,6 +47,8 @@ class MllmConfig:
       raise ValueError(f"feature_select={self.feature_select!r}; use 'default' or 'full'.")
     if self.adapter_depth < 1:
       raise ValueError(f"adapter_depth={self.adapter_depth} must be >= 1.")
+    if self.adapter_hidden is not None and self.adapter_hidden < 1:
+      raise ValueError(f"adapter_hidden={self.adapter_hidden} must be >= 1 (or None).")
     if not 0 <= self.image_token_id < self.text.vocab_size:
       raise ValueError(f"image_token_id={self.image_token_id} must index the embedding "
                        f"table (vocab_size={self.text.vocab_size}).")
@@ -63,6 +68,11 @@ class MllmConfig:
   def adapter_out(self) -> int:
     """Output width of the adapter: teacher hidden for TAF, else the LLM hidden."""
     return self.post_connector_in or self.text.hidden_size
+
+  @property
+  def adapter_width(self) -> int:
+    """Intermediate width of the adapter (its fc1 output when depth > 1)."""
+    return self.adapter_hidden or self.adapter_out
 
 
 def make_config(vision: "str | dict | siglip.SiglipConfig",
@@ -116,7 +126,8 @@ def _vision(cfg: MllmConfig) -> siglip.Encoder:
 
 def _adapter(cfg: MllmConfig) -> adapter_lib.Connector:
   dtype, param_dtype = _dtypes(cfg)
-  return adapter_lib.Connector(cfg.adapter_out, cfg.adapter_depth, dtype, param_dtype)
+  return adapter_lib.Connector(cfg.adapter_out, cfg.adapter_depth, dtype, param_dtype,
+                               cfg.adapter_hidden)
 
 
 def _post(cfg: MllmConfig) -> adapter_lib.PostConnector:

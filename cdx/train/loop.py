@@ -274,7 +274,8 @@ def build(cfg, workdir: str) -> Setup:
       raise UserError(f"Stage '{cfg.name}' builds a TAF student but has no teacher.")
     params = taf.make_taf_student(params, teacher, jax.random.key(cfg.seed + 3))
     model_cfg = dataclasses.replace(model_cfg, post_connector_in=teacher_cfg.text.hidden_size,
-                                    adapter_depth=teacher_cfg.adapter_depth)
+                                    adapter_depth=teacher_cfg.adapter_depth,
+                                    adapter_hidden=teacher_cfg.adapter_hidden)
   params = _cast(params, cfg.param_dtype)
   student_layers, groups = (), ()
   if teacher is not None:
@@ -444,12 +445,9 @@ def export_stage(s: Setup) -> dict:
              "metrics": os.path.join(s.stage_dir, "metrics.jsonl")}
   if s.cfg.export_hf and jax.process_index() == 0:
     hf_dir = os.path.join(s.stage_dir, "hf")
-    try:
-      hf.save_llava(s.model_cfg, jax.device_get(params), hf_dir)
-      s.tokenizer.save_pretrained(hf_dir)
-      outputs["hf"] = hf_dir
-    except ValueError as e:  # TODO(lead): TAF students with teacher-width projectors.
-      print(f"[{s.cfg.name}] HF export skipped: {e}")
+    hf.save_llava(s.model_cfg, jax.device_get(params), hf_dir)
+    s.tokenizer.save_pretrained(hf_dir)
+    outputs["hf"] = hf_dir
   return outputs
 
 
