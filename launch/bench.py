@@ -264,7 +264,7 @@ def time_step(fn, args, steps: int, warmup: int = 2) -> dict:
 
 def cmd_step(a) -> list[dict]:
   b = build(a.preset, a.seq, a.batch)
-  seq, batch = b.batch["input_ids"].shape
+  batch, seq = b.batch["input_ids"].shape
   row = {"preset": a.preset, "seq": seq, "batch": batch, "backend": jax.default_backend(),
          "devices": jax.device_count(), "cpu_count": os.cpu_count()}
   args = (b.state, b.frozen, b.teacher, jax.device_put(b.batch))

@@ -52,6 +52,7 @@ def _sharpen(tree, factor):
   return jax.tree_util.tree_map_with_path(scale, tree)
 
 
+@pytest.mark.slow
 def test_official_formulation_gives_the_same_loss_and_grads():
   b = bench.build("tiny", seq=96, batch=3, models=MODELS)
   b.batch["has_image"][2] = False  # Samples without an image count in neither.
