@@ -171,7 +171,10 @@ def build(preset: str, seq: int | None = None, batch: int | None = None,
   teacher_cfg = loop.spec_config(cfg.teacher, cfg, ids)
   student_cfg = loop.spec_config(cfg.model, cfg, ids,
                                  post_connector_in=teacher_cfg.text.hidden_size)
-  student_cfg = dataclasses.replace(student_cfg, adapter_depth=teacher_cfg.adapter_depth)
+  # TAF: the student holds the teacher's adapter (as loop.build does).
+  inherit = {k: getattr(teacher_cfg, k) for k in ("adapter_depth", "adapter_hidden")
+             if hasattr(teacher_cfg, k)}
+  student_cfg = dataclasses.replace(student_cfg, **inherit)
 
   def init(cfg_, key):
     fn = lambda: mllm.init_params(cfg_, jax.random.key(key))
