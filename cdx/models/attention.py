@@ -5,7 +5,10 @@ Shapes (B batch, T queries, S keys, H query heads, G key/value heads, Dh head di
   mask bool [B, T, S] (True = may attend).
 
 `attend` is the ordinary path: `jax.nn.dot_product_attention` (fused kernels where the
-backend has them; logits and softmax in float32 for low-precision inputs).
+backend has them; logits and softmax in float32 for low-precision inputs). Longer than
+QUERY_BLOCK queries, it runs block by block over the query axis, each block rematerialized
+in the backward pass: XLA's plain path would otherwise hold [B, H, T, S] scores per layer,
+so memory would grow as L^2 (docs/PERFORMANCE.md); blocked, it grows as L.
 
 `visual_summary` is the attention-capture path used for VAT: only the visual query rows are
 scored against all keys (exact float32 softmax under the same mask), then the visual key
@@ -27,11 +30,28 @@ def causal_mask(key_valid: jax.Array) -> jax.Array:
   return causal[None] & key_valid.astype(bool)[:, None, :]
 
 
+# Query rows per block of `attend`: at most [B, H, QUERY_BLOCK, S] scores live at a time.
+QUERY_BLOCK = 512
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           mask: jax.Array | None) -> jax.Array:
-  """Softmax attention -> [B, T, H, Dh] in q's dtype."""
-  m = None if mask is None else mask[:, None, :, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=m)
+           mask: jax.Array | None, block: int = QUERY_BLOCK) -> jax.Array:
+  """Softmax attention -> [B, T, H, Dh] in q's dtype; query-blocked when T > block."""
+  def plain(q, mask):
+    m = None if mask is None else mask[:, None, :, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=m)
+
+  b, t, h, d = q.shape
+  if t <= block:
+    return plain(q, mask)
+  n = -(-t // block)
+  pad = n * block - t  # Padded query rows see no key (uniform softmax) and are cut off.
+  blocks = lambda x: jnp.moveaxis(
+      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+          (b, n, block) + x.shape[2:]), 1, 0)
+  xs = (blocks(q), None if mask is None else blocks(mask))
+  out = jax.lax.map(jax.checkpoint(lambda x: plain(*x)), xs)  # [n, B, block, H, Dh]
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -63,9 +63,13 @@ def config_from_dict(d: dict) -> mllm.MllmConfig:
                          text=qwen.QwenConfig(**d.pop("text")), **d)
 
 
+# Config remat names that are not jax.checkpoint_policies names.
+_REMAT_ALIASES = {"none": None, "": None, None: None, "full": "nothing_saveable"}
+
+
 def _numerics(cfg: ml_collections.ConfigDict) -> dict:
   return dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-              remat=None if cfg.remat in ("none", "", None) else cfg.remat)
+              remat=_REMAT_ALIASES.get(cfg.remat, cfg.remat))
 
 
 def spec_config(spec: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,

@@ -30,6 +30,7 @@ from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import params as params_lib
+from cdx.train import reference
 
 PyTree = Any
 
@@ -144,19 +145,30 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
 def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
                     obj: Objective, tx: optax.GradientTransformationExtraArgs,
                     schedule: Callable[[jax.Array], jax.Array],
-                    lora_spec: LoraSpec | None = None, micro_batches: int = 1) -> Callable:
+                    lora_spec: LoraSpec | None = None, micro_batches: int = 1,
+                    formulation: str = "cdx") -> Callable:
   """Returns `train_step(state, frozen, teacher, batch) -> (state, metrics)` (not jitted).
+
+  `formulation`: "cdx" (`compute_loss`) or "official" (`cdx.train.reference.compute_loss`:
+  the same loss with the official code's memory layout, for benchmarks only).
 
   `tx` is `cdx.train.optim.make_optimizer(...)`: its skip-non-finite wrapper leaves params
   and optimizer state untouched on a NaN/Inf loss or gradient. With `micro_batches` > 1 the
   batch is split (strided) and gradients are averaged in a scan before the one update.
   """
 
+  if formulation == "cdx":
+    loss_impl = compute_loss
+  elif formulation == "official":
+    loss_impl = reference.compute_loss
+  else:
+    raise ValueError(f"formulation={formulation!r}; use 'cdx' or 'official'.")
+
   def train_step(state, frozen, teacher, batch):
     def grad_fn(diff, batch):
       def loss_fn(diff):
         params = _student_params(diff[0], diff[1], frozen, lora_spec)
-        return compute_loss(student_cfg, teacher_cfg, obj, params, teacher, batch)
+        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch)
       (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
       return grads, metrics
 
