@@ -174,7 +174,8 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
     if micro_batches > 1:
       grads, metrics = optim.accumulate_gradients(
           grad_fn, diff, optim.split_microbatches(batch, micro_batches))
-      metrics["tokens"] = metrics["tokens"] * micro_batches
+      # Metrics are micro-batch means; the token count is a total (an int, as without).
+      metrics["tokens"] = jnp.round(metrics["tokens"] * micro_batches).astype(jnp.int32)
     else:
       grads, metrics = grad_fn(diff, batch)
     updates, new_opt = tx.update(grads, state["opt"], diff, loss=metrics["loss"])
