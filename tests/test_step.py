@@ -154,10 +154,12 @@ def make_step(s: Setup, mesh, micro_batches: int = 1):
   train_step = step_lib.make_train_step(
       s.student_cfg, s.teacher_cfg, s.objective, make_tx(s),
       optim.learning_rate_schedule(OPTIM, TOTAL_STEPS), s.lora_spec, micro_batches)
-  state = jax.eval_shape(lambda: fresh_state(s))
-  fn, sh = step_lib.jit_train_step(train_step, mesh, state, s.frozen, s.teacher)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch().items()}
-  return fn.lower(state, s.frozen, s.teacher, batch).compile(COMPILER_OPTIONS), sh
+  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  state, frozen, teacher = jax.eval_shape(lambda: fresh_state(s)), shapes(s.frozen), \
+      shapes(s.teacher)
+  fn, sh = step_lib.jit_train_step(train_step, mesh, state, frozen, teacher)
+  lowered = fn.lower(state, frozen, teacher, shapes(make_batch()))
+  return lowered.compile(COMPILER_OPTIONS), sh
 
 
 def one_device_mesh():
