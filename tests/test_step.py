@@ -4,10 +4,12 @@ Checked on tiny models with one synthetic batch:
   * meshes 8x1x1, 2x2x2, 1x4x2 give the 1-device losses and updated params (<= 1e-5);
   * only post/* and the LoRA factors change; vision, teacher adapter, LLM base, teacher stay;
   * the merged (exported) student computes the step's LM/KD losses through `mllm.forward`;
-  * micro_batches=2 equals one full batch; a NaN skips the update; metrics are complete.
+  * micro_batches=2 equals one full batch on 1 device (on 2x2x2 it does not: a known bug,
+    kept as a strict xfail); a NaN skips the update; metrics are complete.
 
 `build_setup`/`make_batch`/`make_step` are also used by tests/test_step_multiprocess.py.
-Compiled steps are cached per (mesh shape, micro_batches) so tests share them.
+Compiled steps are cached per (mesh shape, micro_batches) so tests share them. CPU time
+(`time pytest tests/test_step.py`, 2 shared cores): ~54 s user, 65-80 s wall under load.
 """
 from __future__ import annotations
 
