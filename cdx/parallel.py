@@ -185,8 +185,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_tree(tree: PyTree, shardings: PyTree) -> PyTree:
-  """Places a (single-process, host or device) tree onto its shardings."""
-  return jax.device_put(tree, shardings)
+  """Places a host (or single-process device) tree onto its shardings.
+
+  Multi-process, every process passes the same full values and keeps the shards its
+  devices hold (device_put refuses shardings with devices of other processes).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # Shard the key bits.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 # ------------------------------------------------------------------------ multi-host

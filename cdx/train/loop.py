@@ -324,29 +324,14 @@ def build(cfg, workdir: str) -> Setup:
   schedule = optim.learning_rate_schedule(cfg.optim, total)
   state = step_lib.init_state(trainable, lora, tx, jax.random.key(cfg.seed))
 
-  # Shardings: params by path rules; optimizer moments like their params.
-  state_sh = parallel.state_shardings(
-      {"params": trainable, "lora": lora},
-      parallel.param_shardings({"params": trainable, "lora": lora}, mesh), mesh)
-  full_state_sh = {
-      "step": parallel.replicated(mesh), "rng": parallel.replicated(mesh),
-      "nonfinite": parallel.replicated(mesh),
-      "params": state_sh["params"], "lora": state_sh["lora"],
-      "opt": parallel.state_shardings(
-          state["opt"], parallel.param_shardings((trainable, lora), mesh), mesh)}
-  frozen_sh = parallel.param_shardings(frozen, mesh)
-  teacher_sh = parallel.param_shardings(teacher, mesh) if teacher is not None else None
-  batch_sh = parallel.batch_sharding(mesh)
-  state = parallel.shard_tree(state, full_state_sh)
-  frozen = parallel.shard_tree(frozen, frozen_sh)
-  if teacher is not None:
-    teacher = parallel.shard_tree(teacher, teacher_sh)
-
   train_step = step_lib.make_train_step(model_cfg, teacher_cfg, objective, tx, schedule,
                                         lora_spec, cfg.micro_batches)
-  step_fn = jax.jit(train_step, in_shardings=(full_state_sh, frozen_sh, teacher_sh, batch_sh),
-                    out_shardings=(full_state_sh, parallel.replicated(mesh)),
-                    donate_argnums=(0,))
+  # Shardings: params by path rules, optimizer moments like their params (step.py).
+  step_fn, sh = step_lib.jit_train_step(train_step, mesh, state, frozen, teacher)
+  state = parallel.shard_tree(state, sh.state)
+  frozen = parallel.shard_tree(frozen, sh.frozen)
+  if teacher is not None:
+    teacher = parallel.shard_tree(teacher, sh.teacher)
 
   per_process = cfg.batch_size // jax.process_count()
   pipe_cfg = pipeline_lib.PipelineConfig(

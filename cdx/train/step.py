@@ -15,6 +15,15 @@ State (what is checkpointed; only trainable leaves have optimizer state):
 The frozen rest of the student ("frozen") and the teacher ("teacher", without the vision
 tower and — for TAF — without the adapter, which the student tree already holds) are
 separate arguments: never donated, never differentiated.
+
+Compiling for a mesh (`jit_train_step`): trainable params, LoRA factors, Adam moments and
+the frozen/teacher trees are sharded by `cdx.parallel`'s path rules, the batch's leading dim
+over ("data", "fsdp"), counters/rng and the metrics replicated; the state is donated.
+
+  step_fn, sh = jit_train_step(make_train_step(...), mesh, state, frozen, teacher)
+  state, frozen, teacher = (parallel.shard_tree(x, s) for x, s in
+                            ((state, sh.state), (frozen, sh.frozen), (teacher, sh.teacher)))
+  state, metrics = step_fn(state, frozen, teacher, parallel.global_batch_array(...))
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cdx import parallel
 from cdx.distill import losses
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
@@ -176,7 +186,8 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
     if micro_batches > 1:
       grads, metrics = optim.accumulate_gradients(
           grad_fn, diff, optim.split_microbatches(batch, micro_batches))
-      metrics["tokens"] = metrics["tokens"] * micro_batches
+      # Metrics are micro-batch means; the token count is a total (an int, as without).
+      metrics["tokens"] = jnp.round(metrics["tokens"] * micro_batches).astype(jnp.int32)
     else:
       grads, metrics = grad_fn(diff, batch)
     updates, new_opt = tx.update(grads, state["opt"], diff, loss=metrics["loss"])
@@ -197,3 +208,45 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
     return new_state, metrics
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+  """Where each argument / result of the jitted step lives (trees of NamedSharding)."""
+  state: PyTree
+  frozen: PyTree
+  teacher: PyTree | None
+  batch: jax.sharding.NamedSharding
+  metrics: jax.sharding.NamedSharding
+
+
+def step_shardings(mesh: jax.sharding.Mesh, state: PyTree, frozen: PyTree,
+                   teacher: PyTree | None) -> StepShardings:
+  """Shardings for `init_state`'s layout; trees may hold arrays or ShapeDtypeStructs."""
+  missing = {"step", "params", "lora", "opt", "rng", "nonfinite"} - set(state)
+  if missing:
+    raise ValueError(f"state lacks {sorted(missing)}; build it with step.init_state.")
+  rep = parallel.replicated(mesh)
+  # Optimizer moments mirror (params, lora), so they shard exactly like them.
+  diff_sh = parallel.param_shardings((state["params"], state["lora"]), mesh)
+  state_sh = {k: rep for k in state}
+  state_sh.update(params=diff_sh[0], lora=diff_sh[1],
+                  opt=parallel.state_shardings(state["opt"], diff_sh, mesh))
+  return StepShardings(
+      state=state_sh, frozen=parallel.param_shardings(frozen, mesh),
+      teacher=None if teacher is None else parallel.param_shardings(teacher, mesh),
+      batch=parallel.batch_sharding(mesh), metrics=rep)
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: PyTree,
+                   frozen: PyTree, teacher: PyTree | None
+                   ) -> tuple[Callable, StepShardings]:
+  """(jitted `train_step`, its shardings): the one way a step is compiled for a mesh.
+
+  The state argument is donated (its buffers are reused for the new state): keep host
+  copies of anything needed after the call. Place inputs with `parallel.shard_tree`.
+  """
+  sh = step_shardings(mesh, state, frozen, teacher)
+  fn = jax.jit(train_step, in_shardings=(sh.state, sh.frozen, sh.teacher, sh.batch),
+               out_shardings=(sh.state, sh.metrics), donate_argnums=(0,))
+  return fn, sh
