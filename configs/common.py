@@ -13,8 +13,8 @@ Stages and the graph between them (SPEC §7). `<dir>` names the folder under --w
 Presets:
   tiny   synthetic world, tiny SigLIP/Qwen-shaped models, minutes on a laptop CPU. The tiny
          LLMs start from random weights, so their "pretrain" also trains the LLM and the
-         teacher's finetune is a full finetune (there is no pretrained base to adapt); every
-         other rule is the paper's.
+         finetune / DFT / SFT stages train the whole LLM instead of a LoRA (there is no
+         pretrained base to adapt); every other rule is the paper's.
   paper  SigLIP so400m-patch14-384, Qwen1.5-1.8B student, Qwen1.5-4B teacher, SPEC §7
          hyperparameters. Weights and data come from local paths given as overrides.
 """
@@ -59,7 +59,7 @@ TINY_STAGE = {  # (lr, global batch, steps)
     "pretrain": (3e-3, 16, 120),
     "finetune": (1e-3, 16, 120),
     "dpt": (2e-3, 16, 40),
-    "dft": (1e-3, 16, 60),
+    "dft": (1e-3, 16, 100),
     "sft": (1e-3, 16, 40),
 }
 
@@ -134,7 +134,8 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       enabled=bool(rules["lora_targets"]), rank=32 if tiny else 128,
       alpha=64.0 if tiny else 256.0,
       targets=params_lib.DEFAULT_LORA_TARGETS,  # Every linear of the LLM but lm_head.
-      full_finetune=tiny and stage == "finetune",  # True: the whole LLM, no LoRA.
+      # True: the whole LLM trains, no LoRA (tiny: there is no pretrained base to adapt).
+      full_finetune=tiny and stage in ("finetune", "dft", "sft"),
   ))
 
   # Objective (SPEC §5). Weights are 0 where a stage does not use a term.
