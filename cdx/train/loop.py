@@ -22,6 +22,7 @@ same compiled step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -602,8 +603,10 @@ def describe(cfg) -> list[str]:
   specs = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if cfg.use_teacher else [])
   for role, spec in specs:
     mc = spec_config(spec, cfg, ids)
-    shapes = jax.eval_shape(lambda: mllm.init_params(mc, jax.random.key(0)))
-    n = {k: params_lib.count(v) for k, v in shapes.items()}
+    try:
+      n = _abstract_counts(mc)
+    except ValueError as e:  # e.g. an unknown remat policy: a config problem.
+      raise UserError(f"{cfg.config_file}: the {role} does not build: {e}") from None
     lines.append(f"{role}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in n.items()) +
                  f" (Nv={mllm.num_visual_tokens(mc)})")
   missing = [k for k in ("data.train", "data.tokenizer") if not cfg.data.synthetic
@@ -613,3 +616,10 @@ def describe(cfg) -> list[str]:
   if missing:
     lines.append("missing for a real run: " + ", ".join(f"--config.{m}" for m in missing))
   return lines
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_counts(mc: mllm.MllmConfig) -> dict:
+  """{part: parameter count} without allocating (stages of a plan share models)."""
+  shapes = jax.eval_shape(lambda: mllm.init_params(mc, jax.random.key(0)))
+  return {k: params_lib.count(v) for k, v in shapes.items()}
