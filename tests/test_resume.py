@@ -152,3 +152,18 @@ def test_rerun_of_a_finished_stage_is_skipped(data, reference):
   out = _run(_argv(data, workdir))
   assert "already finished" in out.stdout
   assert os.path.getmtime(done) == before
+
+
+def test_resume_with_nothing_left_reports_the_final_step(data, reference):
+  # Killed after the final checkpoint but before DONE: the rerun only exports.
+  workdir = reference["workdir"]
+  for name in ("DONE", "summary.json"):
+    os.remove(os.path.join(workdir, "pretrain", name))
+  out = _run(_argv(data, workdir))
+  assert f"resumed from step {STEPS} " in out.stdout
+  summary = json.load(open(os.path.join(workdir, "pretrain", "summary.json")))
+  assert summary["final_step"] == STEPS and summary["resume_step"] == STEPS
+  assert summary["final"]["loss"] == reference[STEPS]["loss"]
+  assert json.load(open(os.path.join(workdir, "pretrain", "DONE")))["final_loss"] == \
+      reference[STEPS]["loss"]
+  assert sorted(_metrics(workdir)) == list(range(1, STEPS + 1))
