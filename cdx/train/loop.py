@@ -481,6 +481,11 @@ def run_stage(cfg, workdir: str) -> dict:
       async_save=cfg.checkpoint.async_save,
       save_interval_steps=cfg.checkpoint.every_steps)
   start = checkpointer.latest_step() or 0
+  if start > s.total_steps:
+    checkpointer.close()
+    raise UserError(f"[{cfg.name}] {stage_dir}/checkpoints holds step {start}, past "
+                    f"total_steps={s.total_steps}: raise total_steps, or use a new workdir "
+                    "to train this stage again.")
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             s.state)
