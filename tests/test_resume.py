@@ -159,6 +159,9 @@ def test_resume_with_nothing_left_reports_the_final_step(data, reference):
   workdir = reference["workdir"]
   for name in ("DONE", "summary.json"):
     os.remove(os.path.join(workdir, "pretrain", name))
+  # A shorter run cannot take over a longer run's checkpoints.
+  out = _run(_argv(data, workdir) + ["--config.total_steps=4"], check=False)
+  assert out.returncode == 2 and f"holds step {STEPS}, past total_steps=4" in out.stderr
   out = _run(_argv(data, workdir))
   assert f"resumed from step {STEPS} " in out.stdout
   summary = json.load(open(os.path.join(workdir, "pretrain", "summary.json")))
