@@ -6,8 +6,11 @@ conftest's XLA_FLAGS) on one tiny pretrain stage: 8 steps, batch 8, a checkpoint
 The subprocesses share a persistent XLA compilation cache, so only the first compiles
 (a resumed run thus also checks that a cached executable computes the same losses).
 """
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +30,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   from cdx.data.synthetic import export
-  root = str(tmp_path_factory.mktemp("resume_data"))
-  tok = export.ensure(root, 64, 42, vocab_size=1024)
+  with _shared_dir(tmp_path_factory, "resume_data") as root:
+    tok = export.ensure(root, 64, 42, vocab_size=1024)
   return root, tok
 
 
@@ -49,10 +52,29 @@ def _cmd(argv, prelude=""):
   return [sys.executable, "-c", code, *argv]
 
 
+@contextlib.contextmanager
+def _shared_dir(tmp_path_factory, name):
+  """A folder of this test run, shared by its xdist workers; held under a lock.
+
+  The first holder builds what is missing; later ones (other workers) reuse it.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  base = tmp_path_factory.getbasetemp()
+  path = base.parent / f"{name}-{run}" if run else base / name
+  path.mkdir(exist_ok=True)
+  with open(path / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield str(path)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-  """A persistent compilation cache shared by this session's launcher subprocesses."""
-  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  """A persistent compilation cache shared by this run's launcher subprocesses."""
+  with _shared_dir(tmp_path_factory, "jax_cache") as path:
+    pass
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("JAX_COMPILATION_CACHE_DIR", path)
     mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -81,15 +103,22 @@ def _steps(workdir):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-  """Metrics of the uninterrupted run."""
-  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  _run(_argv(data, workdir))
+  """(workdir, metrics by step) of the uninterrupted run; tests change only copies."""
+  with _shared_dir(tmp_path_factory, "uninterrupted") as workdir:
+    if not os.path.isfile(os.path.join(workdir, "pretrain", "DONE")):
+      _run(_argv(data, workdir))
   rows = _metrics(workdir)
   assert sorted(rows) == list(range(1, STEPS + 1))
-  return {"workdir": workdir, **rows}
+  return workdir, rows
+
+
+def _copy(reference, tmp_path):
+  shutil.copytree(os.path.join(reference[0], "pretrain"), tmp_path / "pretrain")
+  return str(tmp_path)
 
 
 def test_sigkill_after_checkpoint_resumes_bitwise(data, reference, tmp_path):
+  reference = reference[1]
   workdir = str(tmp_path)
   proc = subprocess.Popen(_cmd(_argv(data, workdir)), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -130,6 +159,7 @@ os.rename = _rename_or_die
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(data, reference, tmp_path):
+  reference = reference[1]
   workdir = str(tmp_path)
   argv = _argv(data, workdir) + ["--config.checkpoint.async_save=False"]
   out = _run(argv, prelude=_KILL_ON_COMMIT, check=False)
@@ -145,8 +175,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(data, reference, tmp_path
   assert all(rows[s] == reference[s] for s in range(4, STEPS + 1))
 
 
-def test_rerun_of_a_finished_stage_is_skipped(data, reference):
-  workdir = reference["workdir"]
+def test_rerun_of_a_finished_stage_is_skipped(data, reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
   done = os.path.join(workdir, "pretrain", "DONE")
   before = os.path.getmtime(done)
   out = _run(_argv(data, workdir))
@@ -154,9 +184,9 @@ def test_rerun_of_a_finished_stage_is_skipped(data, reference):
   assert os.path.getmtime(done) == before
 
 
-def test_resume_with_nothing_left_reports_the_final_step(data, reference):
+def test_resume_with_nothing_left_reports_the_final_step(data, reference, tmp_path):
   # Killed after the final checkpoint but before DONE: the rerun only exports.
-  workdir = reference["workdir"]
+  workdir, reference = _copy(reference, tmp_path), reference[1]
   for name in ("DONE", "summary.json"):
     os.remove(os.path.join(workdir, "pretrain", name))
   # A shorter run cannot take over a longer run's checkpoints.

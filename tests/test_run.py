@@ -1,9 +1,12 @@
 """The launcher end to end: the tiny chain, reruns, tokenizer mismatch, bad data.
 
 One tiny chain (pretrain -> finetune -> pretrain_student -> dpt -> dft, 2 steps each, 64
-synthetic samples, dft with `layers.strategy=adaptive`) is made once for the module by
-`launch/run.py` in a subprocess; the tests read its outputs or run small stages beside it.
+synthetic samples, dft with `layers.strategy=adaptive`) is made once per test run (shared
+by xdist workers) by `launch/run.py` in a subprocess; the tests read its outputs (never
+change them) or run small stages beside it.
 """
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -27,10 +30,29 @@ TERMS = {"pretrain": {"lm"}, "finetune": {"lm"}, "pretrain_student": {"lm"},
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def _shared_dir(tmp_path_factory, name):
+  """A folder of this test run, shared by its xdist workers; held under a lock.
+
+  The first holder builds what is missing; later ones (other workers) reuse it.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  base = tmp_path_factory.getbasetemp()
+  path = base.parent / f"{name}-{run}" if run else base / name
+  path.mkdir(exist_ok=True)
+  with open(path / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield str(path)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-  """A persistent compilation cache shared by this session's launcher subprocesses."""
-  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  """A persistent compilation cache shared by this run's launcher subprocesses."""
+  with _shared_dir(tmp_path_factory, "jax_cache") as path:
+    pass
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("JAX_COMPILATION_CACHE_DIR", path)
     mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -52,8 +74,9 @@ def _dft_argv(workdir):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("chain"))
-  _launch(*_dft_argv(workdir))
+  with _shared_dir(tmp_path_factory, "chain") as workdir:
+    if not os.path.isfile(os.path.join(workdir, "dft", "DONE")):
+      _launch(*_dft_argv(workdir))
   return workdir
 
 
