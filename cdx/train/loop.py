@@ -11,6 +11,10 @@ Layout of `<workdir>/<cfg.name>/`:
   hf/                   the same model as an HF LLaVA dir (+ tokenizer)
   summary.json, DONE    written last
 
+layers.strategy=adaptive calibrates the attention matching on the first training batch
+(both models, every band layer; `cdx.distill.layers.adaptive_match`) and records it in
+manifest.json ("layers"); a resume reuses it.
+
 Resume: rerunning the same command continues from the newest checkpoint; the losses of
 every later step are bitwise identical to an uninterrupted run (same data order, same rng,
 same compiled step).
@@ -18,6 +22,7 @@ same compiled step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -103,6 +108,7 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
     root = os.path.join(workdir, "data")
     if jax.process_index() == 0:
       tok_path = export.ensure(root, data.synthetic_train, cfg.seed, vocab_size=1024)
+    ckpt_lib._sync("cdx_synthetic_data")  # Other hosts read what process 0 wrote.
     tok_path = os.path.join(root, "tokenizer")
   missing = [f"data.{k}" for k, v in (("train", data.train), ("tokenizer", tok_path)) if not v]
   if missing:
@@ -225,6 +231,7 @@ class Setup:
   ids: tokenizer_lib.TokenIds
   data: Any
   provenance: dict
+  layers: dict | None = None  # The attention matching (manifest "layers").
 
 
 def _total_steps(cfg, num_samples: int) -> int:
@@ -236,16 +243,58 @@ def _total_steps(cfg, num_samples: int) -> int:
   return steps
 
 
-def _layers(cfg, student: mllm.MllmConfig, teacher: mllm.MllmConfig):
+def _layers(cfg, student: mllm.MllmConfig, teacher: mllm.MllmConfig, calibrate=None
+            ) -> tuple[list[int], list[list[int]]]:
+  """(student layers, teacher groups); `calibrate()` -> (s_maps, t_maps) for adaptive."""
   lc = cfg.layers
-  if lc.strategy == "adaptive" and not lc.student_layers:
-    raise UserError("layers.strategy=adaptive needs attention maps of a calibration batch: "
-                    "run `python -m cdx.analysis.calibrate` (see docs) and pass "
-                    "layers.student_layers / layers.teacher_groups.")
-  return layers_lib.resolve_layers(
-      {"strategy": lc.strategy, "student_layers": list(lc.student_layers) or None,
-       "teacher_groups": [list(g) for g in lc.teacher_groups] or None},
-      student.text.num_layers, teacher.text.num_layers)
+  explicit = bool(lc.student_layers) or bool(lc.teacher_groups)
+  if lc.strategy == "adaptive" and not explicit:
+    s_band = layers_lib.student_band(student.text.num_layers)
+    t_band = layers_lib.teacher_band(teacher.text.num_layers)
+    s_maps, t_maps = calibrate(tuple(s_band), tuple(t_band))
+    groups = layers_lib.adaptive_match(s_maps, t_maps, teacher_layers=t_band)
+    return s_band, groups
+  try:
+    return layers_lib.resolve_layers(
+        {"strategy": lc.strategy, "student_layers": list(lc.student_layers) or None,
+         "teacher_groups": [list(g) for g in lc.teacher_groups] or None},
+        student.text.num_layers, teacher.text.num_layers)
+  except ValueError as e:
+    raise UserError(f"layers: {e}") from None
+
+
+def calibration_maps(student_cfg: mllm.MllmConfig, student: dict,
+                     teacher_cfg: mllm.MllmConfig, teacher: dict, batch: dict,
+                     student_layers: tuple, teacher_layers: tuple,
+                     max_rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """Visual attention f32 [K, B, Nv, Nv] of both models on (image rows of) one batch.
+
+  Both models see the same image features; the student goes through its own adapter
+  (+ TAF post-connector), the teacher through its own adapter, as in training.
+  """
+  rows = np.flatnonzero(np.asarray(batch["has_image"]))[:max_rows]
+  if rows.size == 0:
+    raise UserError("layers.strategy=adaptive: the first training batch has no image "
+                    "sample to calibrate on; set layers.student_layers/teacher_groups.")
+  ids = jnp.asarray(batch["input_ids"][rows])
+  mask = jnp.asarray(batch["attention_mask"][rows])
+  pixels = jnp.asarray(batch["pixel_values"][rows])
+
+  @jax.jit
+  def maps(student, teacher, ids, mask, pixels):
+    nv = mllm.num_visual_tokens(student_cfg)
+    pos, _ = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
+    feats = mllm.encode_images(student_cfg, student, pixels)
+    s_img = mllm.post(student_cfg, student, mllm.adapt(student_cfg, student, feats))
+    _, s_inter = mllm.decode(student_cfg, student, mllm.embed(student_cfg, student, ids, s_img),
+                             mask, attn_layers=student_layers, visual_pos=pos)
+    t_img = mllm.adapt(teacher_cfg, teacher, feats)
+    _, t_inter = mllm.decode(teacher_cfg, teacher, mllm.embed(teacher_cfg, teacher, ids, t_img),
+                             mask, attn_layers=teacher_layers, visual_pos=pos)
+    return s_inter["visual_attn"], t_inter["visual_attn"]
+
+  s_maps, t_maps = maps(student, teacher, ids, mask, pixels)
+  return np.asarray(s_maps), np.asarray(t_maps)
 
 
 def build(cfg, workdir: str) -> Setup:
@@ -281,11 +330,25 @@ def build(cfg, workdir: str) -> Setup:
                                     adapter_depth=teacher_cfg.adapter_depth,
                                     adapter_hidden=teacher_cfg.adapter_hidden)
   params = _cast(params, cfg.param_dtype)
-  student_layers, groups = (), ()
+
+  source = sources.LlavaSource([f for f, _ in files], image_root=root,
+                               weights=[w for _, w in files], seed=cfg.seed,
+                               strict=cfg.data.strict)
+  per_process = cfg.batch_size // jax.process_count()
+  pipe_cfg = pipeline_lib.PipelineConfig(
+      batch_size=per_process, max_length=cfg.max_length,
+      num_visual_tokens=mllm.num_visual_tokens(model_cfg), template=cfg.data.template,
+      image_size=model_cfg.vision.image_size, image_mode=cfg.data.image_mode,
+      seed=cfg.seed, shuffle=cfg.data.shuffle, worker_count=cfg.data.worker_count,
+      strict=cfg.data.strict)
+  make_data = lambda: pipeline_lib.make_pipeline(source, tokenizer, pipe_cfg, pad_id=ids.pad)
+
+  student_layers, groups, layers_info = (), (), None
   if teacher is not None:
     check_pair(model_cfg, teacher_cfg, vocab)
     if cfg.loss.attn > 0:
-      student_layers, groups = _layers(cfg, model_cfg, teacher_cfg)
+      student_layers, groups, layers_info = _stage_layers(
+          cfg, stage_dir, model_cfg, params, teacher_cfg, teacher, make_data)
     # The teacher shares the student's vision tower (and, with TAF, its adapter).
     teacher = {k: v for k, v in teacher.items()
                if k != "vision" and not (cfg.taf and k == "adapter")}
@@ -315,10 +378,6 @@ def build(cfg, workdir: str) -> Setup:
     lora = lora_lib.init_lora(params, tuple(cfg.lora.targets), cfg.lora.rank,
                               cfg.lora.alpha, jax.random.key(cfg.seed + 4))
 
-  num_samples, data = None, None
-  source = sources.LlavaSource([f for f, _ in files], image_root=root,
-                               weights=[w for _, w in files], seed=cfg.seed,
-                               strict=cfg.data.strict)
   total = _total_steps(cfg, len(source))
   tx = optim.make_optimizer(cfg.optim, total, (trainable, lora))
   schedule = optim.learning_rate_schedule(cfg.optim, total)
@@ -333,20 +392,43 @@ def build(cfg, workdir: str) -> Setup:
   if teacher is not None:
     teacher = parallel.shard_tree(teacher, sh.teacher)
 
-  per_process = cfg.batch_size // jax.process_count()
-  pipe_cfg = pipeline_lib.PipelineConfig(
-      batch_size=per_process, max_length=cfg.max_length,
-      num_visual_tokens=mllm.num_visual_tokens(model_cfg), template=cfg.data.template,
-      image_size=model_cfg.vision.image_size, image_mode=cfg.data.image_mode,
-      seed=cfg.seed, shuffle=cfg.data.shuffle, worker_count=cfg.data.worker_count,
-      strict=cfg.data.strict)
-  data = pipeline_lib.make_pipeline(source, tokenizer, pipe_cfg, pad_id=ids.pad)
   provenance["tokenizer"] = fingerprint
   return Setup(cfg=cfg, stage_dir=stage_dir, mesh=mesh, model_cfg=model_cfg,
                teacher_cfg=teacher_cfg, objective=objective, lora_spec=lora_spec,
                state=state, frozen=frozen, teacher=teacher, step_fn=step_fn,
-               total_steps=total, tokenizer=tokenizer, ids=ids, data=data,
-               provenance=provenance)
+               total_steps=total, tokenizer=tokenizer, ids=ids, data=make_data(),
+               provenance=provenance, layers=layers_info)
+
+
+def _stage_layers(cfg, stage_dir, student_cfg, student, teacher_cfg, teacher, make_data):
+  """(student layers, teacher groups, manifest record) of the attention loss.
+
+  An adaptive matching is calibrated once, on the stage's first training batch, and
+  recorded in the manifest; a resumed run reuses the recorded one, so the compiled step
+  (and every later loss) is the same as in an uninterrupted run.
+  """
+  lc = cfg.layers
+  previous = (ckpt_lib.read_manifest(stage_dir) or {}).get("layers")
+  if (lc.strategy == "adaptive" and previous and previous.get("strategy") == "adaptive"
+      and os.path.isdir(os.path.join(stage_dir, "checkpoints"))):
+    return previous["student_layers"], previous["teacher_groups"], previous
+
+  def calibrate(s_layers, t_layers):
+    batch = next(make_data())  # A fresh iterator: training still starts at batch 0.
+    return calibration_maps(student_cfg, student, teacher_cfg, teacher, batch, s_layers,
+                            t_layers)
+
+  student_layers, groups = _layers(cfg, student_cfg, teacher_cfg, calibrate)
+  if lc.strategy == "adaptive" and jax.process_count() > 1:
+    # Hosts calibrated on their own rows: all take process 0's matching.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    picks = multihost_utils.broadcast_one_to_all(np.asarray([g[0] for g in groups]))
+    groups = [[int(l)] for l in np.asarray(picks)]
+  info = {"strategy": lc.strategy, "student_layers": [int(l) for l in student_layers],
+          "teacher_groups": [[int(l) for l in g] for g in groups]}
+  if lc.strategy == "adaptive":
+    info["calibration"] = "first training batch (image rows, at most 8)"
+  return info["student_layers"], info["teacher_groups"], info
 
 
 def final_params(s: Setup) -> dict:
@@ -363,20 +445,32 @@ def run_stage(cfg, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, cfg.name)
   if ckpt_lib.is_done(stage_dir):
     print(f"[{cfg.name}] already finished (DONE): skipped.")
+    path = os.path.join(stage_dir, metrics_lib.SUMMARY_FILE)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f)
     return ckpt_lib.read_done(stage_dir) or {}
   os.makedirs(stage_dir, exist_ok=True)
   t0 = time.time()
   s = build(cfg, workdir)
-  ckpt_lib.write_manifest(stage_dir, {"stage": cfg.name, "inputs": s.provenance,
-                                      "config": cfg.to_dict()})
-  with open(os.path.join(stage_dir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
+  manifest = {"stage": cfg.name, "inputs": s.provenance, "config": cfg.to_dict()}
+  if s.layers is not None:
+    manifest["layers"] = s.layers
+  ckpt_lib.write_manifest(stage_dir, manifest)
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
 
   checkpointer = ckpt_lib.StageCheckpointer(
       os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
       async_save=cfg.checkpoint.async_save,
       save_interval_steps=cfg.checkpoint.every_steps)
   start = checkpointer.latest_step() or 0
+  if start > s.total_steps:
+    checkpointer.close()
+    raise UserError(f"[{cfg.name}] {stage_dir}/checkpoints holds step {start}, past "
+                    f"total_steps={s.total_steps}: raise total_steps, or use a new workdir "
+                    "to train this stage again.")
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             s.state)
@@ -387,13 +481,13 @@ def run_stage(cfg, workdir: str) -> dict:
 
   writer = metrics_lib.MetricsWriter(stage_dir, total_steps=s.total_steps, resume_step=start,
                                      console=cfg.log.progress)
-  last = {}
-  nonfinite_run = 0
+  last = _last_record(stage_dir) if start else {}  # What a resume with nothing left reports.
+  count_tokens = jax.jit(lambda mask: jnp.sum(mask, dtype=jnp.int32))
+  tokens = 0  # Global (all hosts) non-pad tokens since the last log, on device.
   try:
     for step in range(start, s.total_steps):
-      batch = next(s.data)
-      tokens = int(np.asarray(batch["attention_mask"]).sum())
-      batch = parallel.global_batch_array(batch, s.mesh, cfg.batch_size)
+      batch = parallel.global_batch_array(next(s.data), s.mesh, cfg.batch_size)
+      tokens = tokens + count_tokens(batch["attention_mask"])
       s.state, m = s.step_fn(s.state, s.frozen, s.teacher, batch)
       done = step + 1
       if done % cfg.log.every_steps == 0 or done == s.total_steps:
@@ -401,10 +495,12 @@ def run_stage(cfg, workdir: str) -> dict:
         record = {k: v for k, v in m.items() if k != "attn_cos"}
         for i, c in enumerate(np.atleast_1d(m.get("attn_cos", []))):
           record[f"attn_cos_{i}"] = float(c)
-        last = writer.log(done, record, tokens=tokens * cfg.log.every_steps)
-        nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
-        if nonfinite_run >= cfg.optim.max_nonfinite or (m["skipped"] and cfg.halt_on_nonfinite):
-          raise UserError(f"[{cfg.name}] {nonfinite_run} non-finite steps in a row at step "
+        last = writer.log(done, record, tokens=int(jax.device_get(tokens)))
+        tokens = 0
+        # The state's own counter: right across log intervals and resumes.
+        run = int(m["nonfinite_run"])
+        if run >= cfg.optim.max_nonfinite or (m["skipped"] and cfg.halt_on_nonfinite):
+          raise UserError(f"[{cfg.name}] {run} non-finite step(s) in a row at step "
                           f"{done}: halting (lower optim.lr or check the data).")
       checkpointer.save(done, s.state, data_state=s.data.get_state(),
                         meta={"stage": cfg.name, "step": done},
@@ -414,12 +510,51 @@ def run_stage(cfg, workdir: str) -> dict:
     checkpointer.close()
 
   outputs = export_stage(s)
+  if s.layers is not None:
+    outputs["layers"] = os.path.join(stage_dir, ckpt_lib.MANIFEST_FILE)
   summary = writer.summary(outputs=outputs, stage=cfg.name, steps=s.total_steps,
                            seconds=round(time.time() - t0, 1),
-                           data=s.data.stats if hasattr(s.data, "stats") else {})
+                           data=data_report(s.data.stats))
+  if writer.last is None and last:  # Resumed at the end: report the logged final step.
+    summary["final_step"] = last.get("step")
+    summary["final"] = {k: v for k, v in last.items() if k not in metrics_lib._ADDED}
+    if jax.process_index() == 0:
+      ckpt_lib.write_json_atomic(os.path.join(stage_dir, metrics_lib.SUMMARY_FILE), summary)
   writer.close()
   ckpt_lib.mark_done(stage_dir, {"steps": s.total_steps, "final_loss": last.get("loss")})
   return summary
+
+
+def _last_record(stage_dir: str) -> dict:
+  """The last whole line of metrics.jsonl ({} when there is none)."""
+  path = os.path.join(stage_dir, metrics_lib.METRICS_FILE)
+  last = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          last = json.loads(line) if line.endswith("\n") else last
+        except json.JSONDecodeError:
+          pass
+  return last
+
+
+def data_report(stats: dict) -> dict:
+  """Training-data counts of all hosts, keyed like `python -m cdx.data.check --json`.
+
+  They count the samples this run drew (from the start, across resumes): over exactly one
+  epoch they equal the checker's counts of the training files.
+  """
+  per_host = ckpt_lib._gather_per_process(stats)  # pylint: disable=protected-access
+  reasons, warnings = {}, {}
+  for st in per_host:
+    for k, v in st["skipped"].items():
+      reasons[k] = reasons.get(k, 0) + v
+    for k, v in st["warnings"].items():
+      warnings[k] = warnings.get(k, 0) + v
+  return {"total": sum(st["seen"] for st in per_host), "ok": sum(st["ok"] for st in per_host),
+          "bad": sum(reasons.values()), "reasons": dict(sorted(reasons.items())),
+          "warnings": dict(sorted(warnings.items()))}
 
 
 def export_stage(s: Setup) -> dict:
@@ -458,8 +593,10 @@ def describe(cfg) -> list[str]:
   specs = [("model", cfg.model)] + ([("teacher", cfg.teacher)] if cfg.use_teacher else [])
   for role, spec in specs:
     mc = spec_config(spec, cfg, ids)
-    shapes = jax.eval_shape(lambda: mllm.init_params(mc, jax.random.key(0)))
-    n = {k: params_lib.count(v) for k, v in shapes.items()}
+    try:
+      n = _abstract_counts(mc)
+    except ValueError as e:  # e.g. an unknown remat policy: a config problem.
+      raise UserError(f"{cfg.config_file}: the {role} does not build: {e}") from None
     lines.append(f"{role}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in n.items()) +
                  f" (Nv={mllm.num_visual_tokens(mc)})")
   missing = [k for k in ("data.train", "data.tokenizer") if not cfg.data.synthetic
@@ -469,3 +606,10 @@ def describe(cfg) -> list[str]:
   if missing:
     lines.append("missing for a real run: " + ", ".join(f"--config.{m}" for m in missing))
   return lines
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_counts(mc: mllm.MllmConfig) -> dict:
+  """{part: parameter count} without allocating (stages of a plan share models)."""
+  shapes = jax.eval_shape(lambda: mllm.init_params(mc, jax.random.key(0)))
+  return {k: params_lib.count(v) for k, v in shapes.items()}

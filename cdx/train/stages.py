@@ -83,7 +83,10 @@ class MissingInputError(RuntimeError):
 
   def __init__(self, cfg, name: str, workdir: str):
     self.stage, self.missing = cfg.name, name
-    cmd = f"python launch/run.py --config={config_spec(name, cfg.preset)} --workdir={workdir}"
+    # The upstream config sits beside the one the user ran (relative or absolute path).
+    config_dir = os.path.dirname(cfg.get("config_file", "").partition(":")[0]) or "configs"
+    cmd = (f"python launch/run.py --config={config_spec(name, cfg.preset, config_dir)} "
+           f"--workdir={workdir}")
     field = "teacher.hf_path" if name == cfg.inputs.teacher else None
     alt = (f"\n  or point --config.{field}=DIR at an HF LLaVA dir of the teacher," if field
            else "")
