@@ -308,3 +308,34 @@ def read_done(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
 def is_done(stage_dir: str | os.PathLike) -> bool:
   """Whether `mark_done` completed for this stage."""
   return os.path.isfile(os.path.join(os.fspath(stage_dir), DONE_FILE))
+
+
+# ------------------------------------------------------------------- stage model output
+
+MODEL_FILE = "model.json"
+FINAL_DIR = "final"
+
+
+def save_model(stage_dir: str | os.PathLike, params: Any, info: Mapping[str, Any]) -> str:
+  """A finished stage's model: params under `final/`, `info` (its architecture config and
+  provenance, JSON) as `model.json`. Collective; returns the params path."""
+  final = os.path.join(stage_dir, FINAL_DIR)
+  save_params(final, params, overwrite=True)
+  _check_json("model info", info)
+  if _is_primary():
+    write_json_atomic(os.path.join(stage_dir, MODEL_FILE), info)
+  return final
+
+
+def read_model_info(stage_dir: str | os.PathLike) -> dict:
+  """`model.json` of a finished stage (cheap: no weights are read)."""
+  path = os.path.join(stage_dir, MODEL_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{stage_dir} holds no {MODEL_FILE}: not a finished cdx stage.")
+  return _read_json(path)
+
+
+def load_model(stage_dir: str | os.PathLike, abstract: Any = None) -> tuple[Any, dict]:
+  """(params, info) written by `save_model`."""
+  info = read_model_info(stage_dir)
+  return load_params(os.path.join(stage_dir, FINAL_DIR), abstract), info

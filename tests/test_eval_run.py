@@ -15,7 +15,6 @@ from cdx.eval import generate as gen
 from cdx.eval import run
 from cdx.eval import scoring
 from cdx.models import mllm
-from cdx.train import loop
 from launch import eval as eval_cli
 
 
@@ -36,8 +35,8 @@ def stage(tmp_path_factory):
   stage_dir = work / "tiny"
   ckpt_lib.save_params(str(stage_dir / "final"), params)
   with open(stage_dir / "model.json", "w") as f:
-    json.dump({"config": loop.config_to_dict(cfg), "template": "qwen2_base",
-               "tokenizer": loop.tokenizer_fingerprint(tok)}, f)
+    json.dump({"config": mllm.config_to_dict(cfg), "template": "qwen2_base",
+               "tokenizer": tokenizer_lib.fingerprint(tok)}, f)
   return dict(work=work, dir=str(stage_dir), data=str(work / "data"), cfg=cfg,
               params=params, tok=tok, ids=ids)
 

@@ -13,6 +13,8 @@ as a special token (its id is reported in `TokenIds.image`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Iterable
 
@@ -109,3 +111,9 @@ def load_tokenizer(path: str | os.PathLike) -> tuple[transformers.PreTrainedToke
       tokenizer.add_tokens([PAD], special_tokens=True)
       pad = _single_id(tokenizer, PAD)
   return tokenizer, TokenIds(image=int(image), pad=int(pad), eos=int(eos))
+
+
+def fingerprint(tokenizer) -> str:
+  """Short hash of the vocabulary: teacher, student and data must share one tokenizer."""
+  vocab = sorted(tokenizer.get_vocab().items())
+  return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]

@@ -77,20 +77,17 @@ def load_model(model_path: str, data_dir: str | None = None, tokenizer: str | No
   The tokenizer comes from `tokenizer`, else the stage's hf/ export, the model dir
   itself, or `data_dir`/tokenizer; it must be the one the model was trained with.
   """
-  from cdx import checkpoint as ckpt_lib  # The training stack only when loading stages.
+  from cdx import checkpoint as ckpt_lib
   from cdx import hf
-  from cdx.train import loop
   tok, ids = tokenizer_lib.load_tokenizer(_tokenizer_dir(model_path, data_dir, tokenizer))
-  info_path = os.path.join(model_path, "model.json")
-  if os.path.isfile(info_path):
-    with open(info_path) as f:
-      info = json.load(f)
-    want, have = info.get("tokenizer"), loop.tokenizer_fingerprint(tok)
+  if os.path.isfile(os.path.join(model_path, ckpt_lib.MODEL_FILE)):
+    info = ckpt_lib.read_model_info(model_path)
+    want, have = info.get("tokenizer"), tokenizer_lib.fingerprint(tok)
     if want not in (None, have):
       raise ValueError(f"{model_path} was trained with tokenizer {want}, but the tokenizer "
                        f"found has fingerprint {have}; pass the right --tokenizer.")
-    cfg = loop.config_from_dict(info["config"])
-    params = ckpt_lib.load_params(os.path.join(model_path, "final"))
+    cfg = mllm.config_from_dict(info["config"])
+    params, _ = ckpt_lib.load_model(model_path)
   elif os.path.isfile(os.path.join(model_path, "config.json")):
     cfg, params = hf.load_llava(model_path)
   else:

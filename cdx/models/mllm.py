@@ -82,6 +82,18 @@ def make_config(vision: "str | dict | siglip.SiglipConfig",
   return MllmConfig(vision=siglip.get_config(vision), text=qwen.get_config(text), **fields)
 
 
+def config_to_dict(cfg: MllmConfig) -> dict:
+  """JSON-able dict of a config (written as model.json beside a stage's weights)."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> MllmConfig:
+  """Inverse of `config_to_dict`."""
+  d = dict(d)
+  return MllmConfig(vision=siglip.SiglipConfig(**d.pop("vision")),
+                    text=qwen.QwenConfig(**d.pop("text")), **d)
+
+
 def num_visual_tokens(cfg: MllmConfig) -> int:
   """Image tokens per image: 728 for so400m-384 with 'default' selection."""
   return cfg.vision.num_patches - (1 if cfg.feature_select == "default" else 0)

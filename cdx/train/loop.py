@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -43,8 +42,6 @@ from cdx.data import tokenizer as tokenizer_lib
 from cdx.distill import layers as layers_lib
 from cdx.distill import taf
 from cdx.models import mllm
-from cdx.models import qwen
-from cdx.models import siglip
 from cdx.train import lora as lora_lib
 from cdx.train import metrics as metrics_lib
 from cdx.train import optim
@@ -57,16 +54,6 @@ class UserError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- configs
-
-def config_to_dict(cfg: mllm.MllmConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> mllm.MllmConfig:
-  d = dict(d)
-  return mllm.MllmConfig(vision=siglip.SiglipConfig(**d.pop("vision")),
-                         text=qwen.QwenConfig(**d.pop("text")), **d)
-
 
 # Config remat names that are not jax.checkpoint_policies names.
 _REMAT_ALIASES = {"none": None, "": None, None: None, "full": "nothing_saveable"}
@@ -93,11 +80,6 @@ def spec_config(spec: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
 
 
 # ------------------------------------------------------------------------ data set-up
-
-def tokenizer_fingerprint(tokenizer) -> str:
-  vocab = sorted(tokenizer.get_vocab().items())
-  return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
-
 
 def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[str], str]:
   """(tokenizer, ids, training files, image root); tiny presets generate the world."""
@@ -134,11 +116,8 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
 
 def _stage_output(workdir: str, name: str) -> tuple[mllm.MllmConfig, dict, dict]:
   """(config, params, model.json) of a finished upstream stage."""
-  stage_dir = os.path.join(workdir, name)
-  with open(os.path.join(stage_dir, "model.json")) as f:
-    info = json.load(f)
-  params = ckpt_lib.load_params(os.path.join(stage_dir, "final"))
-  return config_from_dict(info["config"]), params, info
+  params, info = ckpt_lib.load_model(os.path.join(workdir, name))
+  return mllm.config_from_dict(info["config"]), params, info
 
 
 def _with_numerics(model_cfg: mllm.MllmConfig, cfg) -> mllm.MllmConfig:
@@ -311,7 +290,7 @@ def build(cfg, workdir: str) -> Setup:
                     f"{shards} times micro_batches={cfg.micro_batches}.")
 
   tokenizer, ids, files, root = prepare_data(cfg, workdir)
-  fingerprint = tokenizer_fingerprint(tokenizer)
+  fingerprint = tokenizer_lib.fingerprint(tokenizer)
   vocab = len(tokenizer)
 
   teacher_cfg = teacher = None
@@ -560,11 +539,9 @@ def data_report(stats: dict) -> dict:
 def export_stage(s: Setup) -> dict:
   """Writes final/ + model.json (for the next stage) and hf/ (an HF LLaVA dir)."""
   params = final_params(s)
-  final = os.path.join(s.stage_dir, "final")
-  ckpt_lib.save_params(final, params, overwrite=True)
-  info = {"config": config_to_dict(s.model_cfg), "tokenizer": s.provenance.get("tokenizer"),
-          "template": s.cfg.data.template}
-  ckpt_lib.write_json_atomic(os.path.join(s.stage_dir, "model.json"), info)
+  final = ckpt_lib.save_model(s.stage_dir, params, {
+      "config": mllm.config_to_dict(s.model_cfg),
+      "tokenizer": s.provenance.get("tokenizer"), "template": s.cfg.data.template})
   outputs = {"final": final, "checkpoints": os.path.join(s.stage_dir, "checkpoints"),
              "metrics": os.path.join(s.stage_dir, "metrics.jsonl")}
   if s.cfg.export_hf and jax.process_index() == 0:
