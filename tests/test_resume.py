@@ -6,8 +6,6 @@ conftest's XLA_FLAGS) on one tiny pretrain stage: 8 steps, batch 8, a checkpoint
 The subprocesses share a persistent XLA compilation cache, so only the first compiles
 (a resumed run thus also checks that a cached executable computes the same losses).
 """
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -17,6 +15,8 @@ import sys
 import time
 
 import pytest
+
+from tests import launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 8, 3
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   from cdx.data.synthetic import export
-  with _shared_dir(tmp_path_factory, "resume_data") as root:
+  with launcher.shared_dir(tmp_path_factory, "resume_data") as root:
     tok = export.ensure(root, 64, 42, vocab_size=1024)
   return root, tok
 
@@ -52,33 +52,9 @@ def _cmd(argv, prelude=""):
   return [sys.executable, "-c", code, *argv]
 
 
-@contextlib.contextmanager
-def _shared_dir(tmp_path_factory, name):
-  """A folder of this test run, shared by its xdist workers; held under a lock.
-
-  The first holder builds what is missing; later ones (other workers) reuse it.
-  """
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  base = tmp_path_factory.getbasetemp()
-  path = base.parent / f"{name}-{run}" if run else base / name
-  path.mkdir(exist_ok=True)
-  with open(path / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield str(path)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-  """A persistent compilation cache shared by this run's launcher subprocesses."""
-  with _shared_dir(tmp_path_factory, "jax_cache") as path:
-    pass
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("JAX_COMPILATION_CACHE_DIR", path)
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  with launcher.compile_cache_env(tmp_path_factory) as path:
     yield path
 
 
@@ -104,7 +80,7 @@ def _steps(workdir):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
   """(workdir, metrics by step) of the uninterrupted run; tests change only copies."""
-  with _shared_dir(tmp_path_factory, "uninterrupted") as workdir:
+  with launcher.shared_dir(tmp_path_factory, "uninterrupted") as workdir:
     if not os.path.isfile(os.path.join(workdir, "pretrain", "DONE")):
       _run(_argv(data, workdir))
   rows = _metrics(workdir)

@@ -5,24 +5,18 @@ synthetic samples, dft with `layers.strategy=adaptive`) is made once per test ru
 by xdist workers) by `launch/run.py` in a subprocess; the tests read its outputs (never
 change them) or run small stages beside it.
 """
-import contextlib
-import fcntl
 import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from launch import run
+from tests import launcher
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAIN = ("pretrain", "finetune", "pretrain_student", "dpt", "dft")
-SHORT = ["--config.total_steps=2", "--upstream.total_steps=2",
-         "--config.data.synthetic_train=64", "--upstream.data.synthetic_train=64",
-         "--config.log.progress=False", "--upstream.log.progress=False"]
+SHORT = launcher.SHORT
 # Loss terms each stage logs (its objective's nonzero weights).
 TERMS = {"pretrain": {"lm"}, "finetune": {"lm"}, "pretrain_student": {"lm"},
          "dpt": {"lm", "kd"}, "dft": {"lm", "kd", "attn"}}
@@ -30,54 +24,15 @@ TERMS = {"pretrain": {"lm"}, "finetune": {"lm"}, "pretrain_student": {"lm"},
 pytestmark = pytest.mark.slow
 
 
-@contextlib.contextmanager
-def _shared_dir(tmp_path_factory, name):
-  """A folder of this test run, shared by its xdist workers; held under a lock.
-
-  The first holder builds what is missing; later ones (other workers) reuse it.
-  """
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  base = tmp_path_factory.getbasetemp()
-  path = base.parent / f"{name}-{run}" if run else base / name
-  path.mkdir(exist_ok=True)
-  with open(path / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield str(path)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-  """A persistent compilation cache shared by this run's launcher subprocesses."""
-  with _shared_dir(tmp_path_factory, "jax_cache") as path:
-    pass
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("JAX_COMPILATION_CACHE_DIR", path)
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  with launcher.compile_cache_env(tmp_path_factory) as path:
     yield path
-
-
-def _launch(*argv):
-  out = subprocess.run([sys.executable, "launch/run.py", *argv], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return out
-
-
-def _dft_argv(workdir):
-  return ["--config=configs/dft.py", f"--workdir={workdir}", *SHORT,
-          "--config.layers.strategy=adaptive"]
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-  with _shared_dir(tmp_path_factory, "chain") as workdir:
-    if not os.path.isfile(os.path.join(workdir, "dft", "DONE")):
-      _launch(*_dft_argv(workdir))
-  return workdir
+  return launcher.tiny_chain(tmp_path_factory)
 
 
 def _jsonl(path):
@@ -130,7 +85,7 @@ def test_adaptive_matching_is_calibrated_and_recorded(chain):
 
 def test_rerun_skips_finished_stages(chain, capsys):
   stamps = {s: os.path.getmtime(os.path.join(chain, s, "DONE")) for s in CHAIN}
-  assert run.main(_dft_argv(chain)) == 0
+  assert run.main(launcher.dft_argv(chain)) == 0
   assert "already finished" in capsys.readouterr().out
   assert stamps == {s: os.path.getmtime(os.path.join(chain, s, "DONE")) for s in CHAIN}
 
@@ -187,7 +142,7 @@ def test_bad_data_run_reports_the_checkers_counts(chain, tmp_path, capsys):
   path = _bad_file(chain, root)
   tok = os.path.join(chain, "data", "tokenizer")
   # One batch of 8 with shuffling off reads the file exactly once: bad lines first.
-  _launch("--config=configs/pretrain.py", f"--workdir={tmp_path}", "--config.name=bad",
+  launcher.launch("--config=configs/pretrain.py", f"--workdir={tmp_path}", "--config.name=bad",
           "--config.total_steps=1", "--config.batch_size=8", "--config.data.shuffle=False",
           "--config.data.synthetic=False", f"--config.data.train={path}",
           f"--config.data.image_root={root}", f"--config.data.tokenizer={tok}",
