@@ -362,6 +362,41 @@ def test_two_micro_batches_equal_one_batch(shape):
   _assert_trees_close(host["lora"], ref_state["lora"])
 
 
+def test_split_microbatches_gradients_on_2x2x2():
+  """The pattern that once hit an XLA SPMD bug (docs/bugs/reshape_microbatch_grads.md):
+  grads of a chunk-scanned loss over split micro-batches, pinned to a tensor-sharded spec
+  on data=fsdp=tensor=2 with the head on fsdp x tensor, equal the unsharded mean of the
+  micro-batch grads (the reshape-built split swapped rows between devices here)."""
+  mesh = parallel.make_mesh(2, 2, 2)
+  sharding = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, 32, 16)).astype(np.float32)
+  w = (rng.normal(size=(16, 16)) / 4).astype(np.float32)
+  head = (rng.normal(size=(16, 40)) / 4).astype(np.float32)
+
+  def grad_fn(w, head, mb):
+    def loss(w):
+      h = mb["x"] @ w
+      chunks = jnp.moveaxis(h.reshape(h.shape[0], 4, 8, 16), 1, 0)  # As lm_kd_chunked.
+      total = jax.lax.scan(lambda t, c: (t + jnp.sum((c @ head) ** 2), None), 0.0,
+                           chunks)[0]
+      return total, total
+    return jax.grad(loss, has_aux=True)(w)
+
+  @jax.jit
+  def accumulated(w, head, x):
+    micro = optim.split_microbatches({"x": x}, 2)
+    g, _ = optim.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
+    return jax.lax.with_sharding_constraint(g, sharding(None, "tensor"))
+
+  expected = np.mean([grad_fn(w, head, {"x": x[j::2]})[0] for j in range(2)], axis=0)
+  got = accumulated(jax.device_put(w, sharding(None, "tensor")),
+                    jax.device_put(head, sharding("fsdp", "tensor")),
+                    jax.device_put(x, sharding(("data", "fsdp"))))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5,
+                             atol=1e-6 * np.abs(expected).max())
+
+
 def test_nonfinite_loss_skips_the_update():
   s = build_setup()
   fn, sh, mesh = _compiled((1, 1, 1))
