@@ -4,8 +4,9 @@ Checked on tiny models with one synthetic batch:
   * meshes 8x1x1, 2x2x2, 1x4x2 give the 1-device losses and updated params (<= 1e-5);
   * only post/* and the LoRA factors change; vision, teacher adapter, LLM base, teacher stay;
   * the merged (exported) student computes the step's LM/KD losses through `mllm.forward`;
-  * micro_batches=2 equals one full batch on 1 device (on 2x2x2 it does not: a known bug,
-    kept as a strict xfail); a NaN skips the update; metrics are complete.
+  * micro_batches=2 equals one full batch on 1 device and on 2x2x2 (where a reshape-built
+    micro-batch split once hit an XLA bug: docs/bugs/reshape_microbatch_grads.md); a NaN
+    skips the update; metrics are complete.
 
 `build_setup`/`make_batch`/`make_step` are also used by tests/test_step_multiprocess.py.
 Compiled steps are cached per (mesh shape, micro_batches) so tests share them. CPU time
@@ -345,14 +346,8 @@ def test_merged_student_forward_gives_the_step_losses():
   assert abs(float(base_lm) - float(lm)) > 1e-4  # The LoRA factors matter.
 
 
-_SHARDED_ACCUMULATION_BUG = pytest.mark.xfail(
-    strict=True, reason="known bug: micro_batches=2 on the 2x2x2 mesh gives the right loss "
-    "but a wrong grad_norm/update (0.175 vs 0.163); meshes 8x1x1, 2x4x1, 4x1x2, 1x4x2 are "
-    "exact, and so is the accumulated gradient compiled without the optimizer.")
-
-
 @pytest.mark.parametrize("shape", [
-    (1, 1, 1), pytest.param((2, 2, 2), marks=(_SHARDED_ACCUMULATION_BUG, pytest.mark.slow))])
+    (1, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow)])
 def test_two_micro_batches_equal_one_batch(shape):
   """Micro-batch losses are means over their own tokens, averaged with equal weights: equal
   to the full-batch step when both halves hold as many tokens and images (ROWS)."""
@@ -365,6 +360,41 @@ def test_two_micro_batches_equal_one_batch(shape):
   host = _diff_host(state)
   _assert_trees_close(host["params"], ref_state["params"])
   _assert_trees_close(host["lora"], ref_state["lora"])
+
+
+def test_split_microbatches_gradients_on_2x2x2():
+  """The pattern that once hit an XLA SPMD bug (docs/bugs/reshape_microbatch_grads.md):
+  grads of a chunk-scanned loss over split micro-batches, pinned to a tensor-sharded spec
+  on data=fsdp=tensor=2 with the head on fsdp x tensor, equal the unsharded mean of the
+  micro-batch grads (the reshape-built split swapped rows between devices here)."""
+  mesh = parallel.make_mesh(2, 2, 2)
+  sharding = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, 32, 16)).astype(np.float32)
+  w = (rng.normal(size=(16, 16)) / 4).astype(np.float32)
+  head = (rng.normal(size=(16, 40)) / 4).astype(np.float32)
+
+  def grad_fn(w, head, mb):
+    def loss(w):
+      h = mb["x"] @ w
+      chunks = jnp.moveaxis(h.reshape(h.shape[0], 4, 8, 16), 1, 0)  # As lm_kd_chunked.
+      total = jax.lax.scan(lambda t, c: (t + jnp.sum((c @ head) ** 2), None), 0.0,
+                           chunks)[0]
+      return total, total
+    return jax.grad(loss, has_aux=True)(w)
+
+  @jax.jit
+  def accumulated(w, head, x):
+    micro = optim.split_microbatches({"x": x}, 2)
+    g, _ = optim.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
+    return jax.lax.with_sharding_constraint(g, sharding(None, "tensor"))
+
+  expected = np.mean([grad_fn(w, head, {"x": x[j::2]})[0] for j in range(2)], axis=0)
+  got = accumulated(jax.device_put(w, sharding(None, "tensor")),
+                    jax.device_put(head, sharding("fsdp", "tensor")),
+                    jax.device_put(x, sharding(("data", "fsdp"))))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5,
+                             atol=1e-6 * np.abs(expected).max())
 
 
 def test_nonfinite_loss_skips_the_update():

@@ -193,12 +193,17 @@ def split_microbatches(batch: PyTree, num: int) -> PyTree:
 
   Strided, not contiguous: with the batch sharded over devices each micro-batch still
   holds rows of every device, so no data moves. Raises if B is not divisible by `num`.
+
+  Built as a stack of strided slices ``x[j::num]``, never as ``reshape`` + ``swapaxes``:
+  the reshape form (the same values) makes XLA's SPMD partitioner compute wrong
+  gradients on meshes with both fsdp and tensor > 1 once they are sharded like the
+  params (docs/bugs/reshape_microbatch_grads.md has a standalone reproducer).
   """
 
   def split(x):
     if x.shape[0] % num:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={num}.")
-    return x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+    return jnp.stack([x[j::num] for j in range(num)])
 
   if num < 1:
     raise ValueError(f"micro_batches={num} must be >= 1.")
