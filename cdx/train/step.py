@@ -179,8 +179,8 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
   def train_step(state, frozen, teacher, batch):
     def grad_fn(diff, batch):
       def loss_fn(diff):
-        params, lora = _student_params(diff[0], diff[1], frozen, lora_spec)
-        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch, **lora)
+        params, lora_kw = _student_params(diff[0], diff[1], frozen, lora_spec)
+        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch, **lora_kw)
       (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
       return grads, metrics
 
