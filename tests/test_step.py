@@ -333,9 +333,10 @@ def test_merged_student_forward_gives_the_step_losses():
 
   @jax.jit
   def step_losses(trainable, lora, batch):
-    p = step_lib._student_params(trainable, lora, s.frozen, spec)
+    p, factors = step_lib._student_params(trainable, lora, s.frozen, spec)
     obj = dataclasses.replace(s.objective, attn=0.0)
-    return step_lib.compute_loss(s.student_cfg, s.teacher_cfg, obj, p, s.teacher, batch)[1]
+    return step_lib.compute_loss(s.student_cfg, s.teacher_cfg, obj, p, s.teacher, batch,
+                                 **factors)[1]
 
   lm, kd = losses_from_forward(s.student_cfg, s.teacher_cfg, merged, s.teacher_full, batch)
   m = step_losses(state["params"], state["lora"], batch)

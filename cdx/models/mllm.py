@@ -8,8 +8,16 @@ image row (0 for text-only rows), pixel_values float32 [B, H, W, 3] NHWC, normal
 Param tree (docs/ARCHITECTURE.md): {"vision", "adapter", "post" (TAF only), "llm"}.
 The pieces are separate functions so a train step can run the vision tower and the
 (teacher's) adapter once for teacher and student; `forward` chains them all.
+
+LoRA: `decode` and `forward` take the factors unmerged (`lora`, the tree of
+cdx/train/lora.py, and `lora_scale` = alpha / rank) and compute every adapted decoder
+linear factored, x W + ((x a) b) * scale, as PEFT does (cdx/models/qwen.py). Only the
+decoder's layer linears can be adapted this way; factors for the vision tower, the
+adapters, the embedding or the LM head raise ValueError (merge those with
+`cdx.train.lora.merge_lora` instead).
 """
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -147,10 +155,30 @@ def _post(cfg: MllmConfig) -> adapter_lib.PostConnector:
   return adapter_lib.PostConnector(cfg.text.hidden_size, dtype, param_dtype)
 
 
-def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False) -> qwen.Decoder:
+def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False,
+             lora_scale: float = 1.0) -> qwen.Decoder:
   dtype, param_dtype = _dtypes(cfg)
   return qwen.Decoder(cfg.text, tuple(attn_layers), full_attn, dtype, param_dtype,
-                      cfg.remat)
+                      cfg.remat, lora_scale)
+
+
+# Where the decoder applies factors (qwen.Linear inside a layer); paths below "llm".
+_FACTORED = re.compile(r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel/(a|b)")
+
+
+def _lora_variables(lora: dict | None) -> dict:
+  """The decoder's "lora" collection from a LoRA tree {"llm": ...}; checks every path."""
+  if not lora:
+    return {}
+  paths = ["/".join(str(getattr(k, "key", k)) for k in kp)
+           for kp, _ in jax.tree_util.tree_flatten_with_path(lora)[0]]
+  bad = [p for p in paths if not (p.startswith("llm/") and _FACTORED.fullmatch(p[4:]))]
+  if bad:
+    raise ValueError(f"LoRA factors at {bad[:4]} cannot be applied factored: only the "
+                     "decoder layers' q/k/v/o/gate/up/down kernels can (never the vision "
+                     "tower, adapters, embedding or LM head). Merge the others into the "
+                     "params with cdx.train.lora.merge_lora, or drop them from the targets.")
+  return {"lora": lora["llm"]}
 
 
 def encode_images(cfg: MllmConfig, params: dict, pixel_values: jax.Array) -> jax.Array:
@@ -188,15 +216,18 @@ def embed(cfg: MllmConfig, params: dict, input_ids: jax.Array,
 def decode(cfg: MllmConfig, params: dict, embeds: jax.Array,
            attention_mask: jax.Array | None, attn_layers: tuple = (),
            visual_pos: jax.Array | None = None, cache: dict | None = None,
-           full_attn: bool = False) -> tuple[jax.Array, dict]:
+           full_attn: bool = False, lora: dict | None = None,
+           lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
   """Decoder stack -> hidden [B, L, D] after the final norm, inter.
 
   inter["visual_attn"]: f32 [len(attn_layers), B, Nv, Nv] (needs visual_pos).
   inter["full_attn"]: f32 [K, B, H, L, L] per-head maps when full_attn (diagnostic).
   inter["cache"]: the updated KV cache when `cache` is given (see cdx/models/qwen.py).
+  lora: LoRA factors {"llm": ...} applied factored with `lora_scale` (module docstring).
   """
-  return _decoder(cfg, attn_layers, full_attn).apply(
-      {"params": params["llm"]}, embeds, attention_mask, visual_pos, cache)
+  variables = {"params": params["llm"], **_lora_variables(lora)}
+  return _decoder(cfg, attn_layers, full_attn, lora_scale).apply(
+      variables, embeds, attention_mask, visual_pos, cache)
 
 
 def lm_head_kernel(cfg: MllmConfig, params: dict) -> jax.Array:
@@ -223,15 +254,20 @@ def _check_pixels(cfg: MllmConfig, input_ids, pixel_values):
 
 def forward(cfg: MllmConfig, params: dict, input_ids: jax.Array,
             pixel_values: jax.Array, attention_mask: jax.Array | None = None,
-            attn_layers: tuple = ()) -> tuple[jax.Array, dict]:
-  """Full model: logits float32 [B, L, V], inter (public contract, DESIGN §3)."""
+            attn_layers: tuple = (), lora: dict | None = None,
+            lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
+  """Full model: logits float32 [B, L, V], inter (public contract, DESIGN §3).
+
+  `lora`/`lora_scale`: unmerged LoRA factors for the decoder, see `decode`.
+  """
   _check_pixels(cfg, input_ids, pixel_values)
   nv = num_visual_tokens(cfg)
   pos, _ = visual_positions(input_ids, cfg.image_token_id, nv)
   image_embeds = post(cfg, params, adapt(cfg, params, encode_images(cfg, params,
                                                                     pixel_values)))
   embeds = embed(cfg, params, input_ids, image_embeds)
-  hidden, inter = decode(cfg, params, embeds, attention_mask, tuple(attn_layers), pos)
+  hidden, inter = decode(cfg, params, embeds, attention_mask, tuple(attn_layers), pos,
+                         lora=lora, lora_scale=lora_scale)
   logits = jnp.einsum("bld,dv->blv", hidden,
                       lm_head_kernel(cfg, params).astype(hidden.dtype),
                       preferred_element_type=jnp.float32)

@@ -23,6 +23,15 @@ the updated cache in inter["cache"] with lengths += attention_mask.sum(-1). So: 
 a right-padded prompt batch once (pad slots are counted out and later overwritten), then
 feed one token per row per step with attention_mask ones [B, 1]. Slots beyond S are
 clamped by XLA, so S must cover prompt + new tokens.
+
+LoRA, factored (as PEFT computes it): pass the factors as a second variable collection,
+  Decoder(cfg, lora_scale=alpha / rank).apply({"params": p, "lora": f}, ...)
+with f mirroring p and {"a": [in, r], "b": [r, out]} at a linear's kernel path (the
+layout of cdx/train/lora.py, e.g. f["layers_0"]["attn"]["q"]["kernel"]["a"]). Each decoder
+linear with factors computes y = x W (+ bias) + ((x a) b) * lora_scale in the compute
+dtype; W + a b is never formed, so neither is its [in, out] gradient. Linears without
+factors are plain. The LM head and the embedding read their weights directly and ignore
+factors (cdx.models.mllm.decode rejects factors for them).
 """
 import dataclasses
 from typing import Any
@@ -123,9 +132,36 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(features, name, dtype, param_dtype, bias):
-  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.normal(0.02), name=name)
+class Linear(nn.Module):
+  """nn.Dense (same params, same maths) plus a factored LoRA branch when the "lora"
+  collection holds {"a", "b"} for this layer's kernel (see the module docstring)."""
+  features: int
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  lora_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                        self.param_dtype)
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.has_variable("lora", "kernel"):
+      factors = self.get_variable("lora", "kernel")
+      a, b = factors["a"].astype(self.dtype), factors["b"].astype(self.dtype)
+      if a.shape[0] != kernel.shape[0] or b.shape[1] != kernel.shape[1]:
+        raise ValueError(f"LoRA factors a{a.shape} b{b.shape} at {'/'.join(self.path)} "
+                         f"do not fit its kernel {kernel.shape}.")
+      y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.lora_scale, self.dtype)
+    return y
+
+
+def _dense(features, name, dtype, param_dtype, bias, lora_scale=1.0):
+  return Linear(features, bias, dtype, param_dtype, lora_scale, name=name)
 
 
 class _Attention(nn.Module):
@@ -134,14 +170,15 @@ class _Attention(nn.Module):
   param_dtype: Any
   capture: bool = False
   full_attn: bool = False
+  lora_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x, positions, mask, visual_pos, kv):
     cfg = self.cfg
     b, t, _ = x.shape
     proj = lambda n, heads, bias: _dense(heads * cfg.head_dim, n, self.dtype,
-                                         self.param_dtype, bias)(x).reshape(
-                                             b, t, heads, cfg.head_dim)
+                                         self.param_dtype, bias, self.lora_scale)(
+                                             x).reshape(b, t, heads, cfg.head_dim)
     q = apply_rope(proj("q", cfg.num_heads, True), positions, cfg.rope_theta)
     k = apply_rope(proj("k", cfg.num_kv_heads, True), positions, cfg.rope_theta)
     v = proj("v", cfg.num_kv_heads, True)
@@ -159,7 +196,8 @@ class _Attention(nn.Module):
       extras["visual_attn"] = attention.visual_summary(q, k, mask, visual_pos)
     if self.full_attn:
       extras["full_attn"] = attention.full_probs(q, k, mask)
-    out = _dense(cfg.hidden_size, "o", self.dtype, self.param_dtype, False)(
+    out = _dense(cfg.hidden_size, "o", self.dtype, self.param_dtype, False,
+                 self.lora_scale)(
         out.reshape(b, t, cfg.num_heads * cfg.head_dim))
     return out, extras, new_kv
 
@@ -168,10 +206,12 @@ class _Mlp(nn.Module):
   cfg: QwenConfig
   dtype: Any
   param_dtype: Any
+  lora_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype, False)
+    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype, False,
+                                   self.lora_scale)
     gate = dense(self.cfg.mlp_dim, "gate")(x)
     up = dense(self.cfg.mlp_dim, "up")(x)
     return dense(self.cfg.hidden_size, "down")(nn.silu(gate) * up)
@@ -183,17 +223,19 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
   capture: bool = False
   full_attn: bool = False
+  lora_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x, positions, mask, visual_pos, kv):
     norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype,
                                 name=name)
     h, extras, new_kv = _Attention(self.cfg, self.dtype, self.param_dtype, self.capture,
-                                   self.full_attn, name="attn")(
+                                   self.full_attn, self.lora_scale, name="attn")(
                                        norm("input_norm")(x), positions, mask,
                                        visual_pos, kv)
     x = x + h
-    x = x + _Mlp(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_norm")(x))
+    x = x + _Mlp(self.cfg, self.dtype, self.param_dtype, self.lora_scale, name="mlp")(
+        norm("post_norm")(x))
     return x, extras, new_kv
 
 
@@ -205,6 +247,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str | None = None  # a jax.checkpoint_policies name, e.g. "nothing_saveable"
+  lora_scale: float = 1.0  # alpha / rank of the factors in the "lora" collection, if any
 
   def setup(self):
     cfg = self.cfg
@@ -223,7 +266,8 @@ class Decoder(nn.Module):
                           embedding_init=nn.initializers.normal(0.02))
     self.layers = [layer_cls(cfg, self.dtype, self.param_dtype,
                              capture=i in self.attn_layers,
-                             full_attn=self.full_attn and i in self.attn_layers)
+                             full_attn=self.full_attn and i in self.attn_layers,
+                             lora_scale=self.lora_scale)
                    for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
     if not cfg.tie_embeddings:

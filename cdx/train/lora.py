@@ -1,4 +1,4 @@
-"""LoRA as a parameter transform: factors live beside frozen weights, merged in the step.
+"""LoRA factors: they live beside the frozen weights and are applied factored in the step.
 
 For every targeted 2-D kernel ``W [in, out]`` (path rules as in `cdx.train.params`) the
 LoRA tree holds ``{"a": [in, r], "b": [r, out]}`` at the kernel's own path, i.e. it mirrors
@@ -12,9 +12,12 @@ W's dtype. Init follows PEFT: ``a`` kaiming-uniform with a=√5 over fan_in = in
 U(±1/√in)) and ``b`` zeros, so at init the effective weight equals the base exactly.
 Factors default to float32 (they are the trainable master copy) whatever W's dtype.
 
-`apply_lora` runs inside the jitted step (gradients flow into a/b only when the base is
-passed as a constant / frozen partition); `merge_lora` is the same map, used to export or
-to hand the merged LLM to the next stage.
+The train step does not merge: it passes the factors to the model
+(`mllm.decode(..., lora=factors, lora_scale=alpha / rank)`), whose decoder linears compute
+``x W + ((x a) b) * alpha / rank`` as PEFT does, so no [in, out] f32 copy of W nor its
+gradient is ever formed (docs/PERFORMANCE.md §1). `merge_lora` (= `apply_lora`) folds the
+factors into the weights, to export or to hand the merged LLM to the next stage; the merged
+and the factored forward agree (tests/test_lora.py).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ What the official code keeps, and how it is reproduced here:
                                                                maps the loss never reads)
   * the visual block sliced from those maps, heads averaged -> `visual_block`
   * full logits [B, L, V] of both models, unchunked LM + KD -> `losses.lm`, `losses.kd`
+  * PEFT LoRA: x W + ((x a) b) * alpha / r, never merged    -> `decode(lora=...)`, as cdx
 
 Shapes: maps f32 [Ls or Lt, B, H, L, L]; logits f32 [B, L, V]; visual block f32
 [K, B, Nv, Nv]. Everything this project chose differently from the official code on purpose
@@ -51,8 +52,11 @@ def _logits(cfg: mllm.MllmConfig, params: dict, hidden: jax.Array) -> jax.Array:
 
 def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
                  obj, params: PyTree, teacher: PyTree | None,
-                 batch: dict) -> tuple[jax.Array, dict]:
-  """Total loss and its terms, official memory layout. `obj` is a `step.Objective`."""
+                 batch: dict, lora: PyTree | None = None,
+                 lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
+  """Total loss and its terms, official memory layout. `obj` is a `step.Objective`.
+
+  `lora` (student only) is applied factored, as PEFT does in the official code."""
   ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
   pixels = batch["pixel_values"]
   nv = mllm.num_visual_tokens(student_cfg)
@@ -60,7 +64,7 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   has_image = jnp.logical_and(has_image, batch["has_image"])
   keep_maps = obj.attn > 0
 
-  def run(cfg, llm_params, adapter_params, post_params):
+  def run(cfg, llm_params, adapter_params, post_params, lora=None):
     feats = jax.lax.stop_gradient(
         mllm.encode_images(cfg, {"vision": params["vision"]}, pixels))
     img = mllm.adapt(cfg, adapter_params, feats)
@@ -69,10 +73,11 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
     emb = mllm.embed(cfg, llm_params, ids, img)
     layers = tuple(range(cfg.text.num_layers)) if keep_maps else ()
     hidden, inter = mllm.decode(cfg, llm_params, emb, mask, attn_layers=layers,
-                                visual_pos=vis_pos, full_attn=keep_maps)
+                                visual_pos=vis_pos, full_attn=keep_maps, lora=lora,
+                                lora_scale=lora_scale)
     return _logits(cfg, llm_params, hidden), inter.get("full_attn")
 
-  s_logits, s_maps = run(student_cfg, params, params, params)
+  s_logits, s_maps = run(student_cfg, params, params, params, lora)
   t_logits = t_maps = None
   if obj.uses_teacher:
     t_logits, t_maps = run(teacher_cfg, teacher, params if obj.taf else teacher, None)

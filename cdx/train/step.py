@@ -37,7 +37,6 @@ import optax
 from cdx import parallel
 from cdx.distill import losses
 from cdx.models import mllm
-from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import params as params_lib
 from cdx.train import reference
@@ -84,17 +83,20 @@ def init_state(trainable: PyTree, lora: PyTree, tx: optax.GradientTransformation
           "nonfinite": jnp.zeros((), jnp.int32)}
 
 
-def _student_params(trainable, lora, frozen, lora_spec):
+def _student_params(trainable, lora, frozen, lora_spec) -> tuple[PyTree, dict]:
+  """(full student tree, LoRA keyword arguments of `compute_loss`): never merged."""
   params = params_lib.merge(trainable, frozen)
-  if lora_spec is not None and lora:
-    params = lora_lib.apply_lora(params, lora, lora_spec.alpha, lora_spec.rank)
-  return params
+  if lora_spec is None or not lora:
+    return params, {}
+  return params, {"lora": lora, "lora_scale": lora_spec.alpha / lora_spec.rank}
 
 
 def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
                  obj: Objective, params: PyTree, teacher: PyTree | None,
-                 batch: dict) -> tuple[jax.Array, dict]:
-  """Total loss and its terms for one (micro-)batch. `params` is the full student tree."""
+                 batch: dict, lora: PyTree | None = None,
+                 lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
+  """Total loss and its terms for one (micro-)batch. `params` is the full student tree;
+  `lora` its LoRA factors (or None), applied factored with `lora_scale` = alpha / rank."""
   ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
   nv = mllm.num_visual_tokens(student_cfg)
   vis_pos, has_image = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
@@ -107,7 +109,7 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   s_emb = mllm.embed(student_cfg, params, ids, s_img)
   s_hidden, s_inter = mllm.decode(student_cfg, params, s_emb, mask,
                                   attn_layers=obj.student_layers if obj.attn > 0 else (),
-                                  visual_pos=vis_pos)
+                                  visual_pos=vis_pos, lora=lora, lora_scale=lora_scale)
 
   t_hidden = t_head = None
   metrics = {}
@@ -177,8 +179,8 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
   def train_step(state, frozen, teacher, batch):
     def grad_fn(diff, batch):
       def loss_fn(diff):
-        params = _student_params(diff[0], diff[1], frozen, lora_spec)
-        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch)
+        params, lora_kw = _student_params(diff[0], diff[1], frozen, lora_spec)
+        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch, **lora_kw)
       (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
       return grads, metrics
 
