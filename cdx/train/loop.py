@@ -36,6 +36,7 @@ import numpy as np
 from cdx import checkpoint as ckpt_lib
 from cdx import hf
 from cdx import parallel
+from cdx.analysis import attention as attention_lib
 from cdx.data import pipeline as pipeline_lib
 from cdx.data import sources
 from cdx.data import tokenizer as tokenizer_lib
@@ -242,40 +243,6 @@ def _layers(cfg, student: mllm.MllmConfig, teacher: mllm.MllmConfig, calibrate=N
     raise UserError(f"layers: {e}") from None
 
 
-def calibration_maps(student_cfg: mllm.MllmConfig, student: dict,
-                     teacher_cfg: mllm.MllmConfig, teacher: dict, batch: dict,
-                     student_layers: tuple, teacher_layers: tuple,
-                     max_rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
-  """Visual attention f32 [K, B, Nv, Nv] of both models on (image rows of) one batch.
-
-  Both models see the same image features; the student goes through its own adapter
-  (+ TAF post-connector), the teacher through its own adapter, as in training.
-  """
-  rows = np.flatnonzero(np.asarray(batch["has_image"]))[:max_rows]
-  if rows.size == 0:
-    raise UserError("layers.strategy=adaptive: the first training batch has no image "
-                    "sample to calibrate on; set layers.student_layers/teacher_groups.")
-  ids = jnp.asarray(batch["input_ids"][rows])
-  mask = jnp.asarray(batch["attention_mask"][rows])
-  pixels = jnp.asarray(batch["pixel_values"][rows])
-
-  @jax.jit
-  def maps(student, teacher, ids, mask, pixels):
-    nv = mllm.num_visual_tokens(student_cfg)
-    pos, _ = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
-    feats = mllm.encode_images(student_cfg, student, pixels)
-    s_img = mllm.post(student_cfg, student, mllm.adapt(student_cfg, student, feats))
-    _, s_inter = mllm.decode(student_cfg, student, mllm.embed(student_cfg, student, ids, s_img),
-                             mask, attn_layers=student_layers, visual_pos=pos)
-    t_img = mllm.adapt(teacher_cfg, teacher, feats)
-    _, t_inter = mllm.decode(teacher_cfg, teacher, mllm.embed(teacher_cfg, teacher, ids, t_img),
-                             mask, attn_layers=teacher_layers, visual_pos=pos)
-    return s_inter["visual_attn"], t_inter["visual_attn"]
-
-  s_maps, t_maps = maps(student, teacher, ids, mask, pixels)
-  return np.asarray(s_maps), np.asarray(t_maps)
-
-
 def build(cfg, workdir: str) -> Setup:
   """Resolves the config into models, data, state and the compiled step."""
   stage_dir = os.path.join(workdir, cfg.name)
@@ -394,8 +361,12 @@ def _stage_layers(cfg, stage_dir, student_cfg, student, teacher_cfg, teacher, ma
 
   def calibrate(s_layers, t_layers):
     batch = next(make_data())  # A fresh iterator: training still starts at batch 0.
-    return calibration_maps(student_cfg, student, teacher_cfg, teacher, batch, s_layers,
-                            t_layers)
+    try:
+      return attention_lib.visual_attention(student_cfg, student, teacher_cfg, teacher, batch,
+                                            s_layers, t_layers)
+    except ValueError as e:
+      raise UserError(f"layers.strategy=adaptive: {e}; set layers.student_layers and "
+                      "layers.teacher_groups instead.") from None
 
   student_layers, groups = _layers(cfg, student_cfg, teacher_cfg, calibrate)
   if lc.strategy == "adaptive" and jax.process_count() > 1:
