@@ -93,11 +93,28 @@ def _copy(reference, tmp_path):
   return str(tmp_path)
 
 
+# Holds the run still once its first checkpoint is committed, so that the test's SIGKILL
+# lands after a checkpoint and before the end however loaded the machine is.
+_PAUSE_AFTER_FIRST_CHECKPOINT = """
+import time
+from cdx import checkpoint
+_save = checkpoint.StageCheckpointer.save
+def _save_then_pause(self, step, *a, **k):
+  saved = _save(self, step, *a, **k)
+  if saved:
+    self.wait()
+    time.sleep(3600)
+  return saved
+checkpoint.StageCheckpointer.save = _save_then_pause
+"""
+
+
 def test_sigkill_after_checkpoint_resumes_bitwise(data, reference, tmp_path):
   reference = reference[1]
   workdir = str(tmp_path)
-  proc = subprocess.Popen(_cmd(_argv(data, workdir)), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_cmd(_argv(data, workdir), prelude=_PAUSE_AFTER_FIRST_CHECKPOINT),
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
   deadline = time.time() + 240
   while not _steps(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
