@@ -1,6 +1,7 @@
 """Memory and speed evidence for the cdx train step vs the official formulation.
 
-  python launch/bench.py memory --preset paper [--seq 1536[,1024,...]] [--batch 1] [--out F]
+  python launch/bench.py memory --preset paper [--seq 1536[,1024,...]] [--batch 1]
+                                [--compute-dtype float32] [--formulations cdx] [--out F]
   python launch/bench.py step   --preset tiny|mid [--seq L] [--batch B] [--steps N] [--out F]
   python launch/bench.py loader [--batches N] [--workdir DIR] [--out F]
 
@@ -8,6 +9,8 @@
 only), lowers and compiles it for this backend and prints XLA's `memory_analysis()` for the
 cdx formulation (`cdx.train.step.compute_loss`) and the official one
 (`cdx.train.reference.compute_loss`): argument, output, temp and total bytes, and the ratio.
+`--compute-dtype` overrides the preset's compute dtype (teacher weights follow it);
+`--formulations` compiles only the named ones (no ratio without both).
 `step` times the real compiled step of both formulations in one process, same inputs.
 `loader` measures samples/s of the tiny data pipeline (synthetic world) against the tiny
 step's samples/s, to tell whether training is input-bound. Each prints a table and, with
@@ -87,10 +90,12 @@ class Bench:
     return self.state, self.frozen, self.teacher, self.batch
 
 
-def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None):
+def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
+                 compute_dtype: str | None = None):
   """configs/dft.py of a preset; `mid` is the tiny config with the MID_* models.
 
-  `models` = (vision, student text, teacher text) dicts replaces the preset's models.
+  `models` = (vision, student text, teacher text) dicts replaces the preset's models;
+  `compute_dtype` the preset's compute dtype.
   """
   if preset not in DEFAULTS:
     raise ValueError(f"--preset={preset!r}; use one of {sorted(DEFAULTS)}.")
@@ -101,6 +106,9 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None):
     cfg.model.vision = dict(models[0])
     cfg.teacher.vision = dict(models[0])
     cfg.model.text, cfg.teacher.text = dict(models[1]), dict(models[2])
+  if compute_dtype is not None:
+    jnp.dtype(compute_dtype)  # A clear TypeError for a bad name.
+    cfg.compute_dtype = compute_dtype
   return cfg
 
 
@@ -159,12 +167,13 @@ def make_batch(cfg: mllm.MllmConfig, batch: int, seq: int, abstract: bool = Fals
 
 def build(preset: str, seq: int | None = None, batch: int | None = None,
           abstract: bool = False, seed: int = 0,
-          models: tuple[dict, dict, dict] | None = None) -> Bench:
+          models: tuple[dict, dict, dict] | None = None,
+          compute_dtype: str | None = None) -> Bench:
   """The DFT step of a preset, as `loop.build` makes it, with random (or abstract) weights.
 
-  `models`: see `stage_config` (tests use smaller models than the tiny preset).
+  `models`, `compute_dtype`: see `stage_config` (tests use smaller models than tiny).
   """
-  cfg = stage_config(preset, models)
+  cfg = stage_config(preset, models, compute_dtype)
   seq = seq or DEFAULTS[preset][0]
   batch = batch or DEFAULTS[preset][1]
   ids = _token_ids(preset)
@@ -222,25 +231,33 @@ def compiled_memory(fn, *args, donate: tuple = ()) -> dict:
 
 def cmd_memory(a) -> list[dict]:
   rows = []
+  forms = [f for f in a.formulations.split(",") if f]
+  bad = [f for f in forms if f not in FORMULATIONS]
+  if bad or not forms:
+    raise SystemExit(f"--formulations={a.formulations!r}; use a comma list of {FORMULATIONS}.")
   for seq in [int(s) for s in str(a.seq).split(",")]:
-    b = build(a.preset, seq, a.batch, abstract=True)
+    b = build(a.preset, seq, a.batch, abstract=True, compute_dtype=a.compute_dtype)
     row = {"preset": a.preset, "seq": seq, "batch": a.batch or DEFAULTS[a.preset][1],
-           "nv": mllm.num_visual_tokens(b.student_cfg), "backend": jax.default_backend()}
-    for form in FORMULATIONS:
+           "compute_dtype": b.student_cfg.dtype, "nv": mllm.num_visual_tokens(b.student_cfg), "backend": jax.default_backend()}
+    for form in forms:
       row[form] = compiled_memory(b.step_fn(form), *b.args(), donate=(0,))
       print(f"  [{a.preset} L={seq}] {form}: compiled in {row[form]['compile_s']} s",
             flush=True)
-    row["temp_ratio"] = row["cdx"]["temp"] / row["official"]["temp"]
-    row["total_ratio"] = row["cdx"]["total"] / row["official"]["total"]
+    if len(forms) == 2:
+      row["temp_ratio"] = row["cdx"]["temp"] / row["official"]["temp"]
+      row["total_ratio"] = row["cdx"]["total"] / row["official"]["total"]
     rows.append(row)
   print(f"\n{'preset':6} {'L':>5} {'B':>2} {'form':8} {'argument':>9} {'output':>9} "
         f"{'temp':>9} {'total':>9}   (GiB)")
   for r in rows:
-    for form in FORMULATIONS:
+    for form in forms:
       m = r[form]
       print(f"{r['preset']:6} {r['seq']:5d} {r['batch']:2d} {form:8} " +
             " ".join(f"{m[k] / GiB:9.3f}" for k in ("argument", "output", "temp", "total")))
-    print(f"{'':15} cdx/official: temp {r['temp_ratio']:.3f}, total {r['total_ratio']:.3f}")
+    if "temp_ratio" in r:
+      print(f"{'':15} cdx/official: temp {r['temp_ratio']:.3f}, "
+            f"total {r['total_ratio']:.3f}")
+    print(f"{'':15} compute dtype {r['compute_dtype']}")
   return rows
 
 
@@ -329,6 +346,10 @@ def parse(argv):
   m.add_argument("--preset", default="paper", choices=("tiny", "mid", "paper"))
   m.add_argument("--seq", default=None, help="sequence length(s), comma-separated")
   m.add_argument("--batch", type=int, default=None)
+  m.add_argument("--compute-dtype", default=None,
+                 help="override the preset's compute dtype, e.g. float32")
+  m.add_argument("--formulations", default=",".join(FORMULATIONS),
+                 help="comma list of formulations to compile")
   s = sub.add_parser("step", help="time the compiled step, cdx vs official")
   s.add_argument("--preset", default="tiny", choices=("tiny", "mid"))
   s.add_argument("--seq", type=int, default=None)

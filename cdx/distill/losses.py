@@ -16,6 +16,7 @@ by T**2 (Hinton et al.), so gradient magnitudes do not shrink as T grows. T = 1 
 setting, SPEC §5) leaves the loss untouched. The teacher's logits never carry gradient.
 """
 import dataclasses
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -190,16 +191,110 @@ def _compact(order: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
+HEAD_LAYOUTS = ("dv", "vd")  # LM head as a kernel [D, V], or as a (tied) table [V, D]
+
+
+def _project(h: jax.Array, head: jax.Array, layout: str) -> jax.Array:
+  """[B, C, D] x head ([D, V] or [V, D], see HEAD_LAYOUTS) -> float32 logits [B, C, V].
+
+  Contracting a [V, D] table directly avoids a transposed copy of it (1.16 GiB f32 for
+  the paper's tied-size [151936, 2048] table, kept for the whole step)."""
+  return jnp.einsum(f"bcd,{layout}->bcv", h, head, preferred_element_type=jnp.float32)
+
+
+def _logit_sums(opts: KDOptions, t_layout: str, x: dict, s_logits: jax.Array,
+                t_head: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(LM sum, KD sum) of one chunk from its student logits; the teacher's are made here."""
+  lm_sum = token_ce(s_logits, x["tgt"]).sum()
+  kd_sum = jnp.zeros((), jnp.float32)
+  if t_head is not None:
+    per_pos = token_kd(s_logits, _project(x["ht"], t_head, t_layout), opts.temperature,
+                       opts.kind, opts.beta)
+    kd_sum = jnp.where(x["kd"], per_pos, 0.0).sum()
+  return lm_sum, kd_sum
+
+
+def _chunk_used(x: dict) -> jax.Array:
+  return jnp.any(x["tgt"] != IGNORE) | jnp.any(x["kd"])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunk_loss(opts: KDOptions, compact: bool, layouts: tuple[str, str], x: dict,
+                s_head: jax.Array,
+                t_head: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(LM sum, KD sum) of one chunk x = {"hs" [B, C, Ds], "tgt", "kd" [B, C], "ht"?}.
+
+  `layouts` = (student, teacher) head layouts (HEAD_LAYOUTS).
+  With `compact`, a chunk with no used position is skipped (lax.cond). A custom VJP, not
+  jax.checkpoint: its residuals are exactly (x, s_head, t_head), so the backward pass
+  recomputes this chunk's logits and holds nothing of the head's size. (Differentiating a
+  cond inside a checkpoint made XLA keep a copy of the student head, and a zero-filled
+  twin for the skip branch, as cond residuals: 1.16 GiB f32 at the paper's [2048, 151936]
+  head; docs/PERFORMANCE.md §1.)
+  """
+  def run(x, s_head, t_head):
+    return _logit_sums(opts, layouts[1], x, _project(x["hs"], s_head, layouts[0]), t_head)
+
+  def skip(x, s_head, t_head):
+    del x, s_head, t_head
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+  if not compact:
+    return run(x, s_head, t_head)
+  return jax.lax.cond(_chunk_used(x), run, skip, x, s_head, t_head)
+
+
+def _chunk_loss_fwd(opts, compact, layouts, x, s_head, t_head):
+  return _chunk_loss(opts, compact, layouts, x, s_head, t_head), (x, s_head, t_head)
+
+
+def _chunk_loss_bwd(opts, compact, layouts, res, g):
+  """Cotangents of (x, s_head, t_head); only x["hs"] and s_head get nonzero ones (the
+  teacher's logits carry no gradient, SPEC §5)."""
+  x, s_head, t_head = res
+
+  def grads(x, s_head, t_head, g):
+    s_logits = _project(x["hs"], s_head, layouts[0])
+    _, vjp = jax.vjp(lambda l: _logit_sums(opts, layouts[1], x, l, t_head), s_logits)
+    (d_logits,) = vjp(g)
+    d_hs = jnp.einsum(f"bcv,{layouts[0]}->bcd", d_logits, s_head,
+                      preferred_element_type=jnp.float32)
+    return d_hs.astype(x["hs"].dtype), d_logits
+
+  def skip(x, s_head, t_head, g):
+    del t_head, g
+    return (jnp.zeros_like(x["hs"]),
+            jnp.zeros(x["hs"].shape[:2] + (s_head.shape[layouts[0].index("v")],),
+                      jnp.float32))
+
+  if compact:
+    d_hs, d_logits = jax.lax.cond(_chunk_used(x), grads, skip, x, s_head, t_head, g)
+  else:
+    d_hs, d_logits = grads(x, s_head, t_head, g)
+  # Outside the cond: when the head is frozen nothing uses d_head and XLA drops this dot.
+  d_head = jnp.einsum(f"bcd,bcv->{layouts[0]}", x["hs"], d_logits,
+                      preferred_element_type=jnp.float32)
+  d_x = {k: (d_hs if k == "hs" else None) for k in x}
+  return d_x, d_head.astype(s_head.dtype), None
+
+
+_chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)
+
+
 def lm_kd_chunked(student_hidden: jax.Array, student_head: jax.Array,
                   teacher_hidden: Optional[jax.Array], teacher_head: Optional[jax.Array],
                   labels: jax.Array, chunk_size: int,
-                  kd_options: Optional[KDOptions] = None, compact: bool = True) -> LossSums:
+                  kd_options: Optional[KDOptions] = None, compact: bool = True,
+                  head_layouts: tuple[str, str] = ("dv", "dv")) -> LossSums:
   """LM (and KD) sums from final hidden states, chunk by chunk over the sequence.
 
   student_hidden [B, L, Ds] @ student_head [Ds, Vs]; teacher_hidden [B, L, Dt] @
-  teacher_head [Dt, Vt] (both None: no KD, kd sums are 0). The projection accumulates in
-  float32 and each chunk's logits are rematerialized in the backward pass, so memory holds
-  at most [B, chunk_size, V] logits at a time. With `compact`, each row's used positions
+  teacher_head [Dt, Vt] (both None: no KD, kd sums are 0). `head_layouts` = (student,
+  teacher): "dv" for a kernel [D, V] as above, "vd" for a table [V, D] (a tied embedding,
+  contracted as is: no transposed copy). The projection accumulates in
+  float32 and each chunk's logits are recomputed in the backward pass (a custom VJP whose
+  residuals are the chunk's hidden states and the heads), so memory holds at most
+  [B, chunk_size, V] logits at a time and nothing of a head's size. With `compact`, each row's used positions
   are first moved to the front (a stable gather), and chunks with no used position are
   skipped with lax.cond: the cost follows the number of supervised tokens, not L.
   Equal to `lm_sums` + `kd_sums` on the full logits.
@@ -210,6 +305,10 @@ def lm_kd_chunked(student_hidden: jax.Array, student_head: jax.Array,
   if has_teacher != (teacher_head is not None):
     raise ValueError("teacher_hidden and teacher_head must be given together (or neither).")
   opts = kd_options or KDOptions()
+  bad = [l for l in head_layouts if l not in HEAD_LAYOUTS]
+  if len(head_layouts) != 2 or bad:
+    raise ValueError(f"head_layouts={head_layouts!r}: give (student, teacher), each one of "
+                     f"{HEAD_LAYOUTS}.")
   targets = next_token_targets(labels)
   kd_use = kd_positions(labels, opts.mask) if has_teacher else jnp.zeros_like(labels, bool)
   if has_teacher and teacher_hidden.shape[:2] != student_hidden.shape[:2]:
@@ -234,28 +333,7 @@ def lm_kd_chunked(student_hidden: jax.Array, student_head: jax.Array,
   if has_teacher:
     xs["ht"] = _to_chunks(teacher_hidden, n_chunks, chunk_size)
 
-  def chunk_sums(x, s_head, t_head):
-    s_logits = jnp.einsum("bcd,dv->bcv", x["hs"], s_head,
-                          preferred_element_type=jnp.float32)
-    lm_sum = token_ce(s_logits, x["tgt"]).sum()
-    kd_sum = jnp.zeros((), jnp.float32)
-    if has_teacher:
-      t_logits = jnp.einsum("bcd,dv->bcv", x["ht"], t_head,
-                            preferred_element_type=jnp.float32)
-      per_pos = token_kd(s_logits, t_logits, opts.temperature, opts.kind, opts.beta)
-      kd_sum = jnp.where(x["kd"], per_pos, 0.0).sum()
-    return lm_sum, kd_sum
-
-  def skip(x, s_head, t_head):
-    del x, s_head, t_head
-    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-
-  def maybe_chunk_sums(x, s_head, t_head):
-    any_used = jnp.any(x["tgt"] != IGNORE) | jnp.any(x["kd"])
-    return jax.lax.cond(any_used, chunk_sums, skip, x, s_head, t_head)
-
-  # Remat around the cond too: a checkpoint inside a cond still saves the branch's logits.
-  step = jax.checkpoint(maybe_chunk_sums if compact else chunk_sums, prevent_cse=False)
+  step = functools.partial(_chunk_loss, opts, compact, tuple(head_layouts))
 
   def body(carry, x):
     sums = step(x, student_head, teacher_head)

@@ -237,6 +237,14 @@ def lm_head_kernel(cfg: MllmConfig, params: dict) -> jax.Array:
   return params["llm"]["lm_head"]["kernel"]
 
 
+def lm_head(cfg: MllmConfig, params: dict) -> tuple[jax.Array, str]:
+  """(LM head, layout) without copying it: the embedding table [V, D] and "vd" when
+  embeddings are tied, else the kernel [D, V] and "dv" (`losses.HEAD_LAYOUTS`)."""
+  if cfg.text.tie_embeddings:
+    return params["llm"]["embed"]["embedding"], "vd"
+  return params["llm"]["lm_head"]["kernel"], "dv"
+
+
 def init_cache(cfg: MllmConfig, batch_size: int, max_len: int) -> dict:
   """Empty KV cache in the compute dtype (see cdx/models/qwen.py)."""
   return qwen.init_cache(cfg.text, batch_size, max_len, _dtypes(cfg)[0])

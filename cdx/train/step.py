@@ -112,6 +112,7 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
                                   visual_pos=vis_pos, lora=lora, lora_scale=lora_scale)
 
   t_hidden = t_head = None
+  t_layout = "dv"
   metrics = {}
   if obj.uses_teacher:
     t_params = teacher
@@ -124,14 +125,17 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
                                     attn_layers=obj.teacher_layers if obj.attn > 0 else (),
                                     visual_pos=vis_pos)
     t_hidden = jax.lax.stop_gradient(t_hidden)
-    t_head = jax.lax.stop_gradient(mllm.lm_head_kernel(teacher_cfg, t_params))
+    t_head, t_layout = mllm.lm_head(teacher_cfg, t_params)
+    t_head = jax.lax.stop_gradient(t_head)
 
   kd_options = losses.KDOptions(temperature=obj.kd_temperature, kind=obj.kd_kind,
                                 beta=obj.kd_beta, mask=obj.kd_mask)
+  # Heads in their stored layout: a tied [V, D] table is contracted as is, not transposed.
+  s_head, s_layout = mllm.lm_head(student_cfg, params)
   sums = losses.lm_kd_chunked(
-      s_hidden, mllm.lm_head_kernel(student_cfg, params),
-      t_hidden if obj.kd > 0 else None, t_head if obj.kd > 0 else None, labels,
-      chunk_size=obj.chunk_size, kd_options=kd_options)
+      s_hidden, s_head, t_hidden if obj.kd > 0 else None, t_head if obj.kd > 0 else None,
+      labels, chunk_size=obj.chunk_size, kd_options=kd_options,
+      head_layouts=(s_layout, t_layout if obj.kd > 0 else "dv"))
   lm_loss = sums.lm_sum / jnp.maximum(sums.lm_count, 1)
   total = obj.lm * lm_loss
   metrics["lm"] = lm_loss
