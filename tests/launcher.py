@@ -47,10 +47,20 @@ def compile_cache_env(tmp_path_factory):
     yield path
 
 
+def subprocess_env() -> dict:
+  """The environment of launcher subprocesses: one CPU device (the stages under test need
+  no mesh, and one device has no cross-device collectives to stall on a loaded machine)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  return env
+
+
 def launch(*argv, timeout=600):
   """Runs launch/run.py in a subprocess; asserts success."""
   out = subprocess.run([sys.executable, "launch/run.py", *argv], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env=subprocess_env())
   assert out.returncode == 0, out.stderr[-4000:]
   return out
 

@@ -1,7 +1,7 @@
 """Resume after SIGKILL: the rerun's losses equal an uninterrupted run's, bit for bit.
 
-Every run is `launch/run.py` in a subprocess (8 fake CPU devices, inherited from
-conftest's XLA_FLAGS) on one tiny pretrain stage: 8 steps, batch 8, a checkpoint every
+Every run is `launch/run.py` in a subprocess (one CPU device: tests/launcher.py) on one
+tiny pretrain stage: 8 steps, batch 8, a checkpoint every
 3 steps (3, 6 and the final 8), on a 64-sample synthetic export made once for the module.
 The subprocesses share a persistent XLA compilation cache, so only the first compiles
 (a resumed run thus also checks that a cached executable computes the same losses).
@@ -59,7 +59,8 @@ def cache(tmp_path_factory):
 
 
 def _run(argv, prelude="", check=True):
-  out = subprocess.run(_cmd(argv, prelude), cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run(_cmd(argv, prelude), cwd=ROOT, env=launcher.subprocess_env(),
+                       capture_output=True, text=True,
                        timeout=300)
   if check:
     assert out.returncode == 0, out.stderr[-3000:]
@@ -113,7 +114,8 @@ def test_sigkill_after_checkpoint_resumes_bitwise(data, reference, tmp_path):
   reference = reference[1]
   workdir = str(tmp_path)
   proc = subprocess.Popen(_cmd(_argv(data, workdir), prelude=_PAUSE_AFTER_FIRST_CHECKPOINT),
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          cwd=ROOT, env=launcher.subprocess_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 240
   while not _steps(workdir) and proc.poll() is None and time.time() < deadline:
