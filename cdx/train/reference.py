@@ -34,6 +34,7 @@ import numpy as np
 
 from cdx.distill import losses
 from cdx.models import mllm
+from cdx.train import step  # noqa: F401  (attention_term; step imports this module too)
 
 PyTree = Any
 
@@ -98,11 +99,6 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   if keep_maps:
     s_attn = visual_block(s_maps, vis_pos)[np.asarray(obj.student_layers)]
     t_attn = losses.teacher_group_average(visual_block(t_maps, vis_pos), obj.teacher_groups)
-    attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
-                                                variant=obj.attn_variant)
-    total = total + obj.attn * attn_loss
-    metrics["attn"] = attn_loss
-    metrics["attn_cos"] = jax.lax.stop_gradient(
-        losses.attention_cosine(s_attn, t_attn, has_image=has_image))
+    total = total + step.attention_term(obj, s_attn, t_attn, has_image, metrics)
   metrics["loss"] = total
   return total, metrics

@@ -147,15 +147,20 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   if obj.attn > 0:
     t_attn = losses.teacher_group_average(jax.lax.stop_gradient(t_inter["visual_attn"]),
                                           obj.teacher_groups, obj.teacher_layers)
-    s_attn = s_inter["visual_attn"]
-    attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
-                                                variant=obj.attn_variant)
-    total = total + obj.attn * attn_loss
-    metrics["attn"] = attn_loss
-    metrics["attn_cos"] = jax.lax.stop_gradient(
-        losses.attention_cosine(s_attn, t_attn, has_image=has_image))
+    total = total + attention_term(obj, s_inter["visual_attn"], t_attn, has_image, metrics)
   metrics["loss"] = total
   return total, metrics
+
+
+def attention_term(obj: Objective, s_attn: jax.Array, t_attn: jax.Array,
+                   has_image: jax.Array, metrics: dict) -> jax.Array:
+  """Weighted VAT loss of [K, B, Nv, Nv] blocks; records it and the per-pair cosine."""
+  attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
+                                              variant=obj.attn_variant)
+  metrics["attn"] = attn_loss
+  metrics["attn_cos"] = jax.lax.stop_gradient(
+      losses.attention_cosine(s_attn, t_attn, has_image=has_image))
+  return obj.attn * attn_loss
 
 
 def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
