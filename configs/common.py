@@ -59,8 +59,8 @@ TINY_STAGE = {  # (lr, global batch, steps)
     "pretrain": (3e-3, 16, 120),
     "finetune": (1e-3, 16, 120),
     "dpt": (2e-3, 16, 40),
-    "dft": (1e-3, 16, 100),
-    "sft": (1e-3, 16, 40),
+    "dft": (1e-3, 16, 250),
+    "sft": (1e-3, 16, 100),
 }
 
 
