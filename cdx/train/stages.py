@@ -14,6 +14,8 @@ from typing import Sequence
 
 import ml_collections
 
+from cdx import checkpoint as ckpt_lib
+
 # Folder name -> (config file stem, role).
 STAGES = {
     "pretrain": ("pretrain", "teacher"),
@@ -31,10 +33,6 @@ def config_spec(name: str, preset: str, config_dir: str = "configs") -> str:
   stem, role = STAGES[name]
   arg = preset + (",role=student" if role == "student" else "")
   return f"{os.path.join(config_dir, stem)}.py:{arg}"
-
-
-def is_done(workdir: str, name: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, name, "DONE"))
 
 
 def needed_inputs(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -63,7 +61,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
     for name in needed_inputs(c):
       if name in chain:
         raise ValueError(f"Stage graph has a cycle: {' -> '.join([*chain, name])}")
-      if name in seen or is_done(workdir, name):
+      if name in seen or ckpt_lib.is_done(os.path.join(workdir, name)):
         continue
       if not build:
         raise MissingInputError(c, name, workdir)
@@ -73,7 +71,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
       order.append(up)
 
   visit(cfg, [cfg.name])
-  if not is_done(workdir, cfg.name):
+  if not ckpt_lib.is_done(os.path.join(workdir, cfg.name)):
     order.append(cfg)
   return order
 
