@@ -395,7 +395,7 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
   if config.adapter_depth != 2:
     raise ValueError(f"HF LLaVA has a 2-layer projector; adapter_depth="
                      f"{config.adapter_depth}.")
-  cfg, params = fold_post_connector(config, params)
+  cfg, params = fold_post_connector(*mllm.unscanned(config, params))
   width, hidden = cfg.adapter_width, cfg.text.hidden_size
   if width < hidden:
     params = dict(params, adapter=_pad_projector(params["adapter"], hidden))
@@ -427,7 +427,8 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
 
 def save_qwen2(config: qwen.QwenConfig, params: dict, path: str,
                dtype: str = "float32") -> None:
-  """Writes an HF Qwen2ForCausalLM dir from the `llm` params sub-tree."""
+  """Writes an HF Qwen2ForCausalLM dir from the `llm` params sub-tree (either layout)."""
+  params = qwen.unstack_layers(params)
   hf_config = dict(_qwen_hf(config), architectures=["Qwen2ForCausalLM"],
                    dtype=str(jnp.dtype(dtype)))
   _save(params, _qwen_table(config, "", "model."), path, hf_config, dtype)

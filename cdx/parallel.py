@@ -13,7 +13,9 @@ sharded by *logical* axes:
 NamedSharding. A dim whose size does not divide by its mesh axes' size, or whose mesh axis
 is already used by an earlier dim, is replicated instead (logged, never an error); leaves
 no rule matches are replicated. LoRA factors follow their kernel: ``.../kernel/a [in, r]``
-shards like the kernel's input dim, ``.../kernel/b [r, out]`` like its output dim.
+shards like the kernel's input dim, ``.../kernel/b [r, out]`` like its output dim. In a
+scanned decoder (`llm/layers/...`, leaves [num_layers, ...]) the same rules apply to the
+trailing dims and the leading dim gets the logical axis "layers".
 
 Multi-host: `initialize()` calls `jax.distributed.initialize` when the environment names
 several processes (CDX_COORDINATOR/CDX_NUM_PROCESSES/CDX_PROCESS_ID, SLURM with more than
@@ -49,6 +51,7 @@ DEFAULT_AXIS_MAP: dict[str, Any] = {
     "vocab": "tensor",
     "lora": None,
     "norm": None,
+    "layers": None,  # the layer axis of a scanned stack: every device holds all layers
 }
 
 _ATTN_IN = r"attn/(q|k|v)"
@@ -152,7 +155,10 @@ def param_specs(tree: PyTree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEF
   def spec(kp, x):
     path = P.path_str(kp)
     hit = P.first_match(path, rules)
-    return logical_to_spec(path, x.shape, None if hit is None else hit[1], mesh, axis_map)
+    logical = None if hit is None or hit[1] is None else tuple(hit[1])
+    if logical is not None and P.is_stacked(path):  # A scanned stack's leading layer axis.
+      logical = ("layers",) + logical
+    return logical_to_spec(path, x.shape, logical, mesh, axis_map)
 
   return jax.tree_util.tree_map_with_path(spec, tree)
 

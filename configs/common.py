@@ -175,6 +175,9 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
   # Decoder-layer rematerialization: "none" or a jax.checkpoint_policies name
   # ("nothing_saveable" recomputes the whole layer in the backward pass).
   c.remat = "none" if tiny else "nothing_saveable"
+  # Decoder layers stacked and run by lax.scan (one compiled layer; see docs/PERFORMANCE.md).
+  # Files (final/, hf/) are always unstacked, so stages may differ here.
+  c.scan_layers = not tiny
 
   # Outputs.
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if tiny else 500, keep=2,

@@ -1,7 +1,8 @@
 """Memory and speed evidence for the cdx train step vs the official formulation.
 
   python launch/bench.py memory --preset paper [--seq 1536[,1024,...]] [--batch 1]
-                                [--compute-dtype float32] [--formulations cdx] [--out F]
+                                [--compute-dtype float32] [--formulations cdx]
+                                [--scan-layers config|on|off] [--out F]
   python launch/bench.py step   --preset tiny|mid [--seq L] [--batch B] [--steps N] [--out F]
   python launch/bench.py loader [--batches N] [--workdir DIR] [--out F]
 
@@ -10,7 +11,8 @@ only), lowers and compiles it for this backend and prints XLA's `memory_analysis
 cdx formulation (`cdx.train.step.compute_loss`) and the official one
 (`cdx.train.reference.compute_loss`): argument, output, temp and total bytes, and the ratio.
 `--compute-dtype` overrides the preset's compute dtype (teacher weights follow it);
-`--formulations` compiles only the named ones (no ratio without both).
+`--formulations` compiles only the named ones (no ratio without both); `--scan-layers`
+sets the decoder layout (qwen.Decoder `scan_layers`) of both, default the preset's.
 `step` times the real compiled step of both formulations in one process, same inputs.
 `loader` measures samples/s of the tiny data pipeline (synthetic world) against the tiny
 step's samples/s, to tell whether training is input-bound. Each prints a table and, with
@@ -91,11 +93,11 @@ class Bench:
 
 
 def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, scan_layers: bool | None = None):
   """configs/dft.py of a preset; `mid` is the tiny config with the MID_* models.
 
   `models` = (vision, student text, teacher text) dicts replaces the preset's models;
-  `compute_dtype` the preset's compute dtype.
+  `compute_dtype` the preset's compute dtype; `scan_layers` its decoder layout.
   """
   if preset not in DEFAULTS:
     raise ValueError(f"--preset={preset!r}; use one of {sorted(DEFAULTS)}.")
@@ -109,6 +111,8 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
   if compute_dtype is not None:
     jnp.dtype(compute_dtype)  # A clear TypeError for a bad name.
     cfg.compute_dtype = compute_dtype
+  if scan_layers is not None:
+    cfg.scan_layers = scan_layers
   return cfg
 
 
@@ -168,12 +172,12 @@ def make_batch(cfg: mllm.MllmConfig, batch: int, seq: int, abstract: bool = Fals
 def build(preset: str, seq: int | None = None, batch: int | None = None,
           abstract: bool = False, seed: int = 0,
           models: tuple[dict, dict, dict] | None = None,
-          compute_dtype: str | None = None) -> Bench:
+          compute_dtype: str | None = None, scan_layers: bool | None = None) -> Bench:
   """The DFT step of a preset, as `loop.build` makes it, with random (or abstract) weights.
 
-  `models`, `compute_dtype`: see `stage_config` (tests use smaller models than tiny).
+  `models`, `compute_dtype`, `scan_layers`: see `stage_config` (tests use smaller models).
   """
-  cfg = stage_config(preset, models, compute_dtype)
+  cfg = stage_config(preset, models, compute_dtype, scan_layers)
   seq = seq or DEFAULTS[preset][0]
   batch = batch or DEFAULTS[preset][1]
   ids = _token_ids(preset)
@@ -229,6 +233,9 @@ def compiled_memory(fn, *args, donate: tuple = ()) -> dict:
   return out
 
 
+_SCAN = {"config": None, "on": True, "off": False}
+
+
 def cmd_memory(a) -> list[dict]:
   rows = []
   forms = [f for f in a.formulations.split(",") if f]
@@ -236,9 +243,11 @@ def cmd_memory(a) -> list[dict]:
   if bad or not forms:
     raise SystemExit(f"--formulations={a.formulations!r}; use a comma list of {FORMULATIONS}.")
   for seq in [int(s) for s in str(a.seq).split(",")]:
-    b = build(a.preset, seq, a.batch, abstract=True, compute_dtype=a.compute_dtype)
+    b = build(a.preset, seq, a.batch, abstract=True, compute_dtype=a.compute_dtype,
+              scan_layers=_SCAN[a.scan_layers])
     row = {"preset": a.preset, "seq": seq, "batch": a.batch or DEFAULTS[a.preset][1],
-           "compute_dtype": b.student_cfg.dtype, "nv": mllm.num_visual_tokens(b.student_cfg), "backend": jax.default_backend()}
+           "compute_dtype": b.student_cfg.dtype, "scan_layers": b.student_cfg.scan_layers,
+           "nv": mllm.num_visual_tokens(b.student_cfg), "backend": jax.default_backend()}
     for form in forms:
       row[form] = compiled_memory(b.step_fn(form), *b.args(), donate=(0,))
       print(f"  [{a.preset} L={seq}] {form}: compiled in {row[form]['compile_s']} s",
@@ -257,7 +266,7 @@ def cmd_memory(a) -> list[dict]:
     if "temp_ratio" in r:
       print(f"{'':15} cdx/official: temp {r['temp_ratio']:.3f}, "
             f"total {r['total_ratio']:.3f}")
-    print(f"{'':15} compute dtype {r['compute_dtype']}")
+    print(f"{'':15} compute dtype {r['compute_dtype']}, scan_layers {r['scan_layers']}")
   return rows
 
 
@@ -350,6 +359,8 @@ def parse(argv):
                  help="override the preset's compute dtype, e.g. float32")
   m.add_argument("--formulations", default=",".join(FORMULATIONS),
                  help="comma list of formulations to compile")
+  m.add_argument("--scan-layers", default="config", choices=sorted(_SCAN),
+                 help="decoder layout of both formulations (default: the preset's config)")
   s = sub.add_parser("step", help="time the compiled step, cdx vs official")
   s.add_argument("--preset", default="tiny", choices=("tiny", "mid"))
   s.add_argument("--seq", type=int, default=None)

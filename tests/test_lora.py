@@ -132,7 +132,7 @@ def test_bf16_kernel_computed_in_f32_then_cast():
 
 def test_errors():
   params = toy_params(jax.random.key(0))
-  with pytest.raises(ValueError, match="only 2-D"):
+  with pytest.raises(ValueError, match="only linear kernels"):
     L.init_lora(params, ["llm/.*/scale"], RANK, ALPHA, jax.random.key(1))
   with pytest.raises(ValueError, match="matches no parameter"):
     L.init_lora(params, ["llm/layers_9/.*"], RANK, ALPHA, jax.random.key(1))

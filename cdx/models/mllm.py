@@ -49,6 +49,9 @@ class MllmConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str | None = None  # jax.checkpoint_policies name for decoder layers, or None
+  # Decoder params stacked under llm/layers and run by lax.scan (qwen.Decoder); `to_layout`
+  # converts params between the two layouts. Saved models and HF exports are unstacked.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.feature_select not in ("default", "full"):
@@ -159,11 +162,26 @@ def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False,
              lora_scale: float = 1.0) -> qwen.Decoder:
   dtype, param_dtype = _dtypes(cfg)
   return qwen.Decoder(cfg.text, tuple(attn_layers), full_attn, dtype, param_dtype,
-                      cfg.remat, lora_scale)
+                      cfg.remat, lora_scale, cfg.scan_layers)
+
+
+def to_layout(cfg: MllmConfig, tree: dict) -> dict:
+  """`tree` (params, or any tree shaped like them, e.g. LoRA factors) with its "llm"
+  decoder layers stacked when cfg.scan_layers, unstacked otherwise; no-op if already so."""
+  if "llm" not in tree:
+    return tree
+  convert = qwen.stack_layers if cfg.scan_layers else qwen.unstack_layers
+  return {**tree, "llm": convert(tree["llm"])}
+
+
+def unscanned(cfg: MllmConfig, params: dict) -> tuple[MllmConfig, dict]:
+  """(config, params) in the unstacked layout that files (final/, HF) always hold."""
+  cfg = dataclasses.replace(cfg, scan_layers=False)
+  return cfg, to_layout(cfg, params)
 
 
 # Where the decoder applies factors (qwen.Linear inside a layer); paths below "llm".
-_FACTORED = re.compile(r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel/(a|b)")
+_FACTORED = re.compile(r"layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel/(a|b)")
 
 
 def _lora_variables(lora: dict | None) -> dict:

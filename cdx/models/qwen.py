@@ -164,6 +164,17 @@ def _dense(features, name, dtype, param_dtype, bias, lora_scale=1.0):
   return Linear(features, bias, dtype, param_dtype, lora_scale, name=name)
 
 
+def _only_when(flag: jax.Array | None, fn) -> jax.Array:
+  """fn() when flag (a traced bool) is None or True, zeros of its shape otherwise.
+
+  A scanned layer stack runs one body for every layer; the flag keeps the capture
+  computation out of the layers that do not need it."""
+  if flag is None:
+    return fn()
+  out = jax.eval_shape(fn)
+  return jax.lax.cond(flag, fn, lambda: jnp.zeros(out.shape, out.dtype))
+
+
 class _Attention(nn.Module):
   cfg: QwenConfig
   dtype: Any
@@ -173,7 +184,7 @@ class _Attention(nn.Module):
   lora_scale: float = 1.0
 
   @nn.compact
-  def __call__(self, x, positions, mask, visual_pos, kv):
+  def __call__(self, x, positions, mask, visual_pos, kv, when=None):
     cfg = self.cfg
     b, t, _ = x.shape
     proj = lambda n, heads, bias: _dense(heads * cfg.head_dim, n, self.dtype,
@@ -193,9 +204,10 @@ class _Attention(nn.Module):
     out = attention.attend(q, k, v, mask)
     extras = {}
     if self.capture:
-      extras["visual_attn"] = attention.visual_summary(q, k, mask, visual_pos)
+      extras["visual_attn"] = _only_when(
+          when, lambda: attention.visual_summary(q, k, mask, visual_pos))
     if self.full_attn:
-      extras["full_attn"] = attention.full_probs(q, k, mask)
+      extras["full_attn"] = _only_when(when, lambda: attention.full_probs(q, k, mask))
     out = _dense(cfg.hidden_size, "o", self.dtype, self.param_dtype, False,
                  self.lora_scale)(
         out.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -226,21 +238,59 @@ class DecoderLayer(nn.Module):
   lora_scale: float = 1.0
 
   @nn.compact
-  def __call__(self, x, positions, mask, visual_pos, kv):
+  def __call__(self, x, positions, mask, visual_pos, kv, when=None):
     norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype,
                                 name=name)
     h, extras, new_kv = _Attention(self.cfg, self.dtype, self.param_dtype, self.capture,
                                    self.full_attn, self.lora_scale, name="attn")(
                                        norm("input_norm")(x), positions, mask,
-                                       visual_pos, kv)
+                                       visual_pos, kv, when)
     x = x + h
     x = x + _Mlp(self.cfg, self.dtype, self.param_dtype, self.lora_scale, name="mlp")(
         norm("post_norm")(x))
     return x, extras, new_kv
 
 
+def stack_layers(tree: dict) -> dict:
+  """{"layers_0": t0, ..., "layers_{n-1}": t} -> {"layers": leaves stacked on a new axis 0}.
+
+  Works on any tree shaped like a decoder's params (the params, LoRA factors, gradients,
+  Adam moments); other keys are kept. A tree already stacked is returned unchanged."""
+  names = [k for k in tree if k.startswith("layers_")]
+  if not names:
+    return tree
+  n = len(names)
+  if sorted(names) != sorted(f"layers_{i}" for i in range(n)):
+    raise ValueError(f"cannot stack layers {sorted(names)}: expected layers_0..layers_{n - 1} "
+                     "(a scanned stack needs every layer, e.g. LoRA on all of them).")
+  out = {k: v for k, v in tree.items() if k not in names}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"]
+                                                            for i in range(n)])
+  return out
+
+
+def unstack_layers(tree: dict) -> dict:
+  """Inverse of `stack_layers`; a tree without "layers" is returned unchanged."""
+  if "layers" not in tree:
+    return tree
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  n = jax.tree.leaves(tree["layers"])[0].shape[0]
+  for i in range(n):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+  return out
+
+
 class Decoder(nn.Module):
-  """Qwen2 decoder stack; see the module docstring for the methods."""
+  """Qwen2 decoder stack; see the module docstring for the methods.
+
+  scan_layers: params of all layers stacked under "layers" ([num_layers, ...] leaves,
+  `stack_layers` of the unrolled "layers_{i}") and run by one `lax.scan` with a
+  rematerialized body, instead of num_layers unrolled `layers_{i}` modules. Same maths;
+  the compiled program holds one layer, so compile time and (on XLA:CPU) the memory of
+  remat and of compute-dtype weight casts stop growing with depth (docs/PERFORMANCE.md).
+  Captured layers are picked inside the scan by a per-layer flag; `full_attn` then
+  keeps a [B, H, L, L] slot per layer (zeros where not captured): a diagnostic.
+  """
   cfg: QwenConfig
   attn_layers: tuple = ()
   full_attn: bool = False
@@ -248,30 +298,49 @@ class Decoder(nn.Module):
   param_dtype: Any = jnp.float32
   remat: str | None = None  # a jax.checkpoint_policies name, e.g. "nothing_saveable"
   lora_scale: float = 1.0  # alpha / rank of the factors in the "lora" collection, if any
+  scan_layers: bool = False
 
   def setup(self):
     cfg = self.cfg
     bad = [i for i in self.attn_layers if not 0 <= i < cfg.num_layers]
     if bad:
       raise ValueError(f"attn_layers {bad} out of range for {cfg.num_layers} layers.")
-    layer_cls = DecoderLayer
-    if self.remat:
-      if not hasattr(jax.checkpoint_policies, self.remat):
-        raise ValueError(f"Unknown remat policy {self.remat!r}; use a name from "
-                         "jax.checkpoint_policies, e.g. 'nothing_saveable'.")
-      layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies,
-                                                        self.remat))
+    if self.remat and not hasattr(jax.checkpoint_policies, self.remat):
+      raise ValueError(f"Unknown remat policy {self.remat!r}; use a name from "
+                       "jax.checkpoint_policies, e.g. 'nothing_saveable'.")
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           embedding_init=nn.initializers.normal(0.02))
-    self.layers = [layer_cls(cfg, self.dtype, self.param_dtype,
-                             capture=i in self.attn_layers,
-                             full_attn=self.full_attn and i in self.attn_layers,
-                             lora_scale=self.lora_scale)
-                   for i in range(cfg.num_layers)]
+    if self.scan_layers:
+      self.layers = self.param("layers", self._init_stack)
+    else:
+      layer_cls = DecoderLayer
+      if self.remat:
+        layer_cls = nn.remat(DecoderLayer, policy=self._policy())
+      self.layers = [layer_cls(cfg, self.dtype, self.param_dtype,
+                               capture=i in self.attn_layers,
+                               full_attn=self.full_attn and i in self.attn_layers,
+                               lora_scale=self.lora_scale)
+                     for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = _dense(cfg.vocab_size, None, self.dtype, self.param_dtype, False)
+
+  def _policy(self):
+    return getattr(jax.checkpoint_policies, self.remat)
+
+  def _one_layer(self, capture: bool = False) -> DecoderLayer:
+    """The (unbound) layer a scanned stack applies to each slice of its params."""
+    return DecoderLayer(self.cfg, self.dtype, self.param_dtype, capture=capture,
+                        full_attn=self.full_attn and capture,
+                        lora_scale=self.lora_scale, parent=None)
+
+  def _init_stack(self, rng: jax.Array) -> dict:
+    x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    mask = attention.causal_mask(jnp.ones((1, 1), jnp.int32))
+    init = lambda r: self._one_layer().init(r, x, pos, mask, None, None)["params"]
+    return jax.vmap(init)(jax.random.split(rng, self.cfg.num_layers))
 
   def embed_tokens(self, ids: jax.Array) -> jax.Array:
     return self.embed(ids)
@@ -297,6 +366,41 @@ class Decoder(nn.Module):
       self.lm_head(hidden)
     return self.logits(hidden)
 
+  def _unrolled(self, x, positions, mask, visual_pos, cache):
+    """-> x, {name: [K, ...] in attn_layers order} of the captured extras, new (k, v)."""
+    extras, new_k, new_v = {}, [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
+      x, layer_extras, layer_kv = layer(x, positions, mask, visual_pos, kv)
+      for name, value in layer_extras.items():
+        extras.setdefault(name, {})[i] = value
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    extras = {name: jnp.stack([by_layer[i] for i in self.attn_layers])
+              for name, by_layer in extras.items()}
+    return x, extras, (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None
+
+  def _scanned(self, x, positions, mask, visual_pos, cache):
+    """Same as `_unrolled` but extras hold a slot for every layer, in layer order."""
+    layer = self._one_layer(capture=bool(self.attn_layers))
+    lora = self.get_variable("lora", "layers") if self.has_variable("lora", "layers") \
+        else None
+    flags = jnp.asarray([i in self.attn_layers for i in range(self.cfg.num_layers)])
+    kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
+
+    def body(x, xs):
+      params, factors, flag, k, v = xs
+      variables = {"params": params, **({} if factors is None else {"lora": factors})}
+      kv = None if cache is None else (k, v, cache["lengths"])
+      x, extras, new_kv = layer.apply(variables, x, positions, mask, visual_pos, kv, flag)
+      return x, (extras, new_kv)
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=self._policy(), prevent_cse=False)
+    x, (extras, new_kv) = jax.lax.scan(body, x, (self.layers, lora, flags, *kv_in))
+    return x, extras, new_kv
+
   def __call__(self, embeds, attention_mask=None, visual_pos=None, cache=None):
     b, t, _ = embeds.shape
     if attention_mask is None:
@@ -315,25 +419,16 @@ class Decoder(nn.Module):
       new_lengths = start + attention_mask.astype(jnp.int32).sum(-1)
       slots = jnp.arange(cache["k"].shape[2])[None, None, :]
       mask = (slots <= positions[:, :, None]) & (slots < new_lengths[:, None, None])
-    x = embeds.astype(self.dtype)
-    captured, full, new_k, new_v = {}, {}, [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
-      x, extras, layer_kv = layer(x, positions, mask, visual_pos, kv)
-      if "visual_attn" in extras:
-        captured[i] = extras["visual_attn"]
-      if "full_attn" in extras:
-        full[i] = extras["full_attn"]
-      if layer_kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
+    run = self._scanned if self.scan_layers else self._unrolled
+    x, extras, new_kv = run(embeds.astype(self.dtype), positions, mask, visual_pos, cache)
+    if self.scan_layers:  # One slot per layer: keep the captured ones, in the asked order.
+      extras = {name: value[jnp.asarray(self.attn_layers, jnp.int32)]
+                for name, value in extras.items()}
     hidden = self.final_norm(x)
     nv = 0 if visual_pos is None else visual_pos.shape[1]
-    inter = {"visual_attn": (jnp.stack([captured[i] for i in self.attn_layers])
-                             if self.attn_layers else jnp.zeros((0, b, nv, nv)))}
+    inter = {"visual_attn": extras.get("visual_attn", jnp.zeros((0, b, nv, nv)))}
     if self.full_attn:
-      inter["full_attn"] = jnp.stack([full[i] for i in self.attn_layers])
+      inter["full_attn"] = extras["full_attn"]
     if cache is not None:
-      inter["cache"] = {"k": jnp.stack(new_k), "v": jnp.stack(new_v),
-                        "lengths": new_lengths}
+      inter["cache"] = {"k": new_kv[0], "v": new_kv[1], "lengths": new_lengths}
     return hidden, inter

@@ -62,7 +62,8 @@ _REMAT_ALIASES = {"none": None, "": None, None: None, "full": "nothing_saveable"
 
 def _numerics(cfg: ml_collections.ConfigDict) -> dict:
   return dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-              remat=_REMAT_ALIASES.get(cfg.remat, cfg.remat))
+              remat=_REMAT_ALIASES.get(cfg.remat, cfg.remat),
+              scan_layers=bool(cfg.get("scan_layers", False)))
 
 
 def spec_config(spec: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
@@ -137,7 +138,14 @@ def _shared_vision(model_cfg: mllm.MllmConfig, seed: int) -> dict:
 
 def load_model(spec, cfg, workdir: str, init_stage: str, ids, fingerprint: str,
                role: str) -> tuple[mllm.MllmConfig, dict, dict]:
-  """(config, params, provenance) of a model from an upstream stage, HF dirs or random."""
+  """(config, params, provenance) of a model from an upstream stage, HF dirs or random;
+  params in the layout of the config's `scan_layers`."""
+  model_cfg, params, provenance = _load_model(spec, cfg, workdir, init_stage, ids,
+                                              fingerprint, role)
+  return model_cfg, mllm.to_layout(model_cfg, params), provenance
+
+
+def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
   if init_stage:
     model_cfg, params, info = _stage_output(workdir, init_stage)
     if info.get("tokenizer") not in (None, fingerprint):
@@ -389,6 +397,15 @@ def final_params(s: Setup) -> dict:
   return params
 
 
+def _check_layout(cfg, stage_dir: str) -> None:
+  """Checkpoints hold the params in one layout (`scan_layers`); a resume must match it."""
+  previous = (ckpt_lib.read_manifest(stage_dir) or {}).get("config", {})
+  was, now = previous.get("scan_layers", False), cfg.get("scan_layers", False)
+  if previous and was != now and os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+    raise UserError(f"[{cfg.name}] {stage_dir}/checkpoints were written with scan_layers="
+                    f"{was}; resume with --config.scan_layers={was}, or use a new workdir.")
+
+
 def run_stage(cfg, workdir: str) -> dict:
   """Trains one stage to completion (resuming if it has checkpoints); returns the summary."""
   parallel.initialize()
@@ -403,6 +420,7 @@ def run_stage(cfg, workdir: str) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   t0 = time.time()
   s = build(cfg, workdir)
+  _check_layout(cfg, stage_dir)
   manifest = {"stage": cfg.name, "inputs": s.provenance, "config": cfg.to_dict()}
   if s.layers is not None:
     manifest["layers"] = s.layers
@@ -509,15 +527,15 @@ def data_report(stats: dict) -> dict:
 
 def export_stage(s: Setup) -> dict:
   """Writes final/ + model.json (for the next stage) and hf/ (an HF LLaVA dir)."""
-  params = final_params(s)
+  model_cfg, params = mllm.unscanned(s.model_cfg, final_params(s))  # Files: unstacked.
   final = ckpt_lib.save_model(s.stage_dir, params, {
-      "config": mllm.config_to_dict(s.model_cfg),
+      "config": mllm.config_to_dict(model_cfg),
       "tokenizer": s.provenance.get("tokenizer"), "template": s.cfg.data.template})
   outputs = {"final": final, "checkpoints": os.path.join(s.stage_dir, "checkpoints"),
              "metrics": os.path.join(s.stage_dir, "metrics.jsonl")}
   if s.cfg.export_hf and jax.process_index() == 0:
     hf_dir = os.path.join(s.stage_dir, "hf")
-    hf.save_llava(s.model_cfg, jax.device_get(params), hf_dir)
+    hf.save_llava(model_cfg, jax.device_get(params), hf_dir)
     s.tokenizer.save_pretrained(hf_dir)
     outputs["hf"] = hf_dir
   return outputs

@@ -7,6 +7,10 @@ the param tree with each targeted kernel leaf replaced by a dict:
   lora["llm"]["layers_0"]["attn"]["q"]["kernel"] == {"a": ..., "b": ...}
   # paths: llm/layers_0/attn/q/kernel/a, .../kernel/b
 
+In a scanned decoder (params stacked under ``llm/layers`` with a leading layer axis) the
+factors are stacked the same way: ``{"a": [layers, in, r], "b": [layers, r, out]}`` at
+``llm/layers/attn/q/kernel``; targets then select a kernel of every layer at once.
+
 The effective weight is ``W + (a @ b) * alpha / rank``, computed in float32 and cast back to
 W's dtype. Init follows PEFT: ``a`` kaiming-uniform with a=√5 over fan_in = in (that is
 U(±1/√in)) and ``b`` zeros, so at init the effective weight equals the base exactly.
@@ -81,20 +85,22 @@ def init_lora(params: PyTree, target_patterns: Sequence[P.Rule], rank: int,
   lora: dict = {}
   for i, (kp, kernel) in enumerate(targets):
     path = P.path_str(kp)
-    if kernel.ndim != 2:
-      raise ValueError(f"LoRA target {path!r} has shape {kernel.shape}; only 2-D kernels "
-                       "[in, out] can be adapted — tighten the target patterns.")
-    d_in, d_out = kernel.shape
+    stacked = P.is_stacked(path)
+    if kernel.ndim != 2 + stacked:
+      raise ValueError(f"LoRA target {path!r} has shape {kernel.shape}; only linear kernels "
+                       "[in, out] ([layers, in, out] in a scanned stack) can be adapted — "
+                       "tighten the target patterns.")
+    *lead, d_in, d_out = kernel.shape
     bound = 1.0 / (d_in ** 0.5)  # kaiming_uniform(a=√5) over fan_in = d_in
-    a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, rank), jnp.float32,
+    a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, rank), jnp.float32,
                            -bound, bound).astype(dtype)
-    b = jnp.zeros((rank, d_out), dtype)
+    b = jnp.zeros((*lead, rank, d_out), dtype)
     _set_path(lora, path.split("/"), {"a": a, "b": b})
   return lora
 
 
 def _adapted(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  if a.shape[0] != kernel.shape[0] or b.shape[1] != kernel.shape[1]:
+  if a.shape[-2] != kernel.shape[-2] or b.shape[-1] != kernel.shape[-1]:
     raise ValueError(f"LoRA factors a{a.shape} b{b.shape} do not fit kernel {kernel.shape}.")
   delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
   return (kernel.astype(jnp.float32) + delta * scale).astype(kernel.dtype)

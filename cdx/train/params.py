@@ -69,6 +69,15 @@ def tree_paths(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda kp, _: path_str(kp), tree)
 
 
+_STACKED = re.compile(r"(^|/)layers/")
+
+
+def is_stacked(path: str) -> bool:
+  """True for a leaf of a scanned layer stack (`llm/layers/...`, cdx/models/qwen.py
+  `scan_layers`), whose arrays carry a leading layer axis before the usual dims."""
+  return _STACKED.search(path) is not None
+
+
 def _compile(rules: Sequence[Rule]) -> list[tuple[str, re.Pattern, bool]]:
   if isinstance(rules, str):
     rules = (rules,)
