@@ -224,7 +224,8 @@ def build(preset: str, seq: int | None = None, batch: int | None = None,
 def compiled_memory(fn, *args, donate: tuple = ()) -> dict:
   """Compiles fn for ShapeDtypeStruct (or array) args; XLA's memory analysis in bytes."""
   t0 = time.time()
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  options = step_lib.compiler_options(jax.default_backend())  # As jit_train_step does.
+  compiled = jax.jit(fn, donate_argnums=donate, compiler_options=options).lower(*args).compile()
   m = compiled.memory_analysis()
   out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
                                                                "alias")}
@@ -274,7 +275,8 @@ def cmd_memory(a) -> list[dict]:
 
 def time_step(fn, args, steps: int, warmup: int = 2) -> dict:
   """Compiles fn (state donated), runs warmup + timed steps; ms per step."""
-  jitted = jax.jit(fn, donate_argnums=(0,))
+  jitted = jax.jit(fn, donate_argnums=(0,),
+                   compiler_options=step_lib.compiler_options(jax.default_backend()))
   state, rest = args[0], args[1:]
   state = jax.tree.map(jnp.copy, state)  # Donated: each formulation gets its own copy.
   t0 = time.time()

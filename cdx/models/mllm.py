@@ -170,8 +170,9 @@ def to_layout(cfg: MllmConfig, tree: dict) -> dict:
   decoder layers stacked when cfg.scan_layers, unstacked otherwise; no-op if already so."""
   if "llm" not in tree:
     return tree
-  convert = qwen.stack_layers if cfg.scan_layers else qwen.unstack_layers
-  return {**tree, "llm": convert(tree["llm"])}
+  if cfg.scan_layers:
+    return {**tree, "llm": qwen.stack_layers(tree["llm"])}
+  return {**tree, "llm": qwen.unstack_layers(tree["llm"], cfg.text.num_layers)}
 
 
 def unscanned(cfg: MllmConfig, params: dict) -> tuple[MllmConfig, dict]:

@@ -269,12 +269,18 @@ def stack_layers(tree: dict) -> dict:
   return out
 
 
-def unstack_layers(tree: dict) -> dict:
-  """Inverse of `stack_layers`; a tree without "layers" is returned unchanged."""
+def unstack_layers(tree: dict, num_layers: int | None = None) -> dict:
+  """Inverse of `stack_layers`; a tree without "layers" is returned unchanged.
+
+  `num_layers` is needed only when "layers" holds no array (e.g. the frozen-out half of
+  a partitioned tree, all None)."""
   if "layers" not in tree:
     return tree
   out = {k: v for k, v in tree.items() if k != "layers"}
-  n = jax.tree.leaves(tree["layers"])[0].shape[0]
+  leaves = jax.tree.leaves(tree["layers"])
+  n = leaves[0].shape[0] if leaves else num_layers
+  if n is None:
+    raise ValueError("unstack_layers: 'layers' holds no arrays; pass num_layers.")
   for i in range(n):
     out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
   return out

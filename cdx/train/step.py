@@ -259,5 +259,19 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: PyTree,
   """
   sh = step_shardings(mesh, state, frozen, teacher)
   fn = jax.jit(train_step, in_shardings=(sh.state, sh.frozen, sh.teacher, sh.batch),
-               out_shardings=(sh.state, sh.metrics), donate_argnums=(0,))
+               out_shardings=(sh.state, sh.metrics), donate_argnums=(0,),
+               compiler_options=compiler_options(mesh.devices.flat[0].platform))
   return fn, sh
+
+
+def compiler_options(platform: str) -> dict:
+  """XLA options a train step is compiled with on `platform` ("cpu", "gpu", "tpu").
+
+  XLA:CPU has no bf16 dot: it upcasts both operands to f32, and its while-loop invariant
+  code motion then hoists that upcast of a scanned layer stack's weights (`scan_layers`)
+  out of the layer loop: an f32 copy of every layer at once (11.8 GiB of the paper
+  teacher; docs/PERFORMANCE.md §1). The pass is off on CPU; GPUs and TPUs multiply bf16
+  natively and keep it."""
+  if platform == "cpu":
+    return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+  return {}
