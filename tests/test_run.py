@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from cdx import checkpoint as ckpt_lib
 from launch import run
 from tests import launcher
 
@@ -155,3 +156,24 @@ def test_bad_data_run_reports_the_checkers_counts(chain, tmp_path, capsys):
   report = json.loads(capsys.readouterr().out)
   assert report["bad"] >= 8 and report["ok"] == 8 and report["warnings"]  # Sanity.
   assert summary["data"] == report
+
+
+def test_scanned_stage_writes_unstacked_files_and_refuses_a_layout_change(chain, tmp_path,
+                                                                          capsys):
+  """dft with scan_layers: trains on stacked params, hands off the usual unstacked files;
+  resuming its checkpoints without scan_layers is a one-line error."""
+  for name in ("data", "finetune", "dpt"):
+    shutil.copytree(os.path.join(chain, name), tmp_path / name)
+  argv = ["--config=configs/dft.py", f"--workdir={tmp_path}", *SHORT]
+  launcher.launch(*argv, "--config.scan_layers=True")
+  info = json.load(open(tmp_path / "dft" / "model.json"))
+  assert info["config"]["scan_layers"] is False
+  assert json.load(open(tmp_path / "dft" / "hf" / "config.json"))["text_config"]
+  params, _ = ckpt_lib.load_model(str(tmp_path / "dft"))
+  assert "layers_0" in params["llm"] and "layers" not in params["llm"]
+  assert (tmp_path / "dft" / "checkpoints").is_dir()
+  os.remove(tmp_path / "dft" / "DONE")
+  status = run.main(argv + ["--config.total_steps=4", "--config.scan_layers=False"])
+  err = capsys.readouterr().err
+  assert status == 2
+  assert "written with scan_layers=True" in err and "--config.scan_layers=True" in err

@@ -5,7 +5,9 @@ image features spliced into the token embeddings at the image-token slots -> Qwe
 decoder -> LM head. Shapes: input_ids int [B, L] holding exactly Nv image-token ids per
 image row (0 for text-only rows), pixel_values float32 [B, H, W, 3] NHWC, normalized.
 
-Param tree (docs/ARCHITECTURE.md): {"vision", "adapter", "post" (TAF only), "llm"}.
+Param tree (docs/ARCHITECTURE.md): {"vision", "adapter", "post" (TAF only), "llm"}; the
+decoder layers under "llm" are "layers_{i}", or one stacked "layers" when
+cfg.scan_layers (`to_layout` converts; files always hold the unstacked layout).
 The pieces are separate functions so a train step can run the vision tower and the
 (teacher's) adapter once for teacher and student; `forward` chains them all.
 

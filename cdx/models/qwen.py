@@ -24,14 +24,19 @@ a right-padded prompt batch once (pad slots are counted out and later overwritte
 feed one token per row per step with attention_mask ones [B, 1]. Slots beyond S are
 clamped by XLA, so S must cover prompt + new tokens.
 
+Layer layouts: by default each layer is its own module and params are "layers_{i}"; with
+`Decoder(scan_layers=True)` the layers' params are stacked under "layers" (leading axis
+num_layers, `stack_layers`/`unstack_layers` convert) and one `lax.scan` runs them.
+
 LoRA, factored (as PEFT computes it): pass the factors as a second variable collection,
   Decoder(cfg, lora_scale=alpha / rank).apply({"params": p, "lora": f}, ...)
 with f mirroring p and {"a": [in, r], "b": [r, out]} at a linear's kernel path (the
 layout of cdx/train/lora.py, e.g. f["layers_0"]["attn"]["q"]["kernel"]["a"]). Each decoder
 linear with factors computes y = x W (+ bias) + ((x a) b) * lora_scale in the compute
-dtype; W + a b is never formed, so neither is its [in, out] gradient. Linears without
-factors are plain. The LM head and the embedding read their weights directly and ignore
-factors (cdx.models.mllm.decode rejects factors for them).
+dtype; W + a b is never formed, so neither is its [in, out] gradient (scanned: the
+factors are stacked like the params, f["layers"]["attn"]["q"]["kernel"]["a"] [n, in, r]).
+Linears without factors are plain. The LM head and the embedding read their weights
+directly and ignore factors (cdx.models.mllm.decode rejects factors for them).
 """
 import dataclasses
 from typing import Any
