@@ -37,6 +37,7 @@ from cdx.distill import taf
 from cdx.models import mllm
 from cdx.models import qwen
 from cdx.models import siglip
+from cdx.models import stack
 
 # --------------------------------------------------------------------------- tables
 
@@ -428,7 +429,7 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
 def save_qwen2(config: qwen.QwenConfig, params: dict, path: str,
                dtype: str = "float32") -> None:
   """Writes an HF Qwen2ForCausalLM dir from the `llm` params sub-tree (either layout)."""
-  params = qwen.unstack_layers(params)
+  params = stack.unstack_layers(params)
   hf_config = dict(_qwen_hf(config), architectures=["Qwen2ForCausalLM"],
                    dtype=str(jnp.dtype(dtype)))
   _save(params, _qwen_table(config, "", "model."), path, hf_config, dtype)
@@ -436,7 +437,9 @@ def save_qwen2(config: qwen.QwenConfig, params: dict, path: str,
 
 def save_siglip(config: siglip.SiglipConfig, params: dict, path: str,
                 dtype: str = "float32") -> None:
-  """Writes an HF SiglipVisionModel dir holding the layers present in `params`."""
+  """Writes an HF SiglipVisionModel dir holding the layers present in `params` (either
+  layout)."""
+  params = stack.unstack_layers(params)
   n = sum(k.startswith("layers_") for k in params)
   hf_config = dict(_siglip_hf(config, n), architectures=["SiglipVisionModel"],
                    dtype=str(jnp.dtype(dtype)))

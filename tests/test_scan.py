@@ -1,8 +1,8 @@
-"""Scanned decoder stacks (`scan_layers`): same maths as the unrolled layers, other layout.
+"""Scanned layer stacks (`scan_layers`): same maths as the unrolled layers, other layout.
 
   * qwen.Decoder scanned == unrolled on the same (stacked) weights: logits, captured visual
     attention in the asked order, full maps, KV cache, gradients, with and without remat,
-    with LoRA factors;
+    with LoRA factors; siglip.Encoder likewise;
   * stack/unstack are inverses; layouts convert at the file boundaries (HF export is the
     same file from either layout);
   * LoRA init/merge and the sharding rules work on stacked leaves;
@@ -28,6 +28,8 @@ from cdx import hf
 from cdx import parallel
 from cdx.models import mllm
 from cdx.models import qwen
+from cdx.models import siglip
+from cdx.models import stack
 from cdx.train import lora as lora_lib
 from cdx.train import params as params_lib
 from launch import bench
@@ -53,24 +55,24 @@ def _unrolled_params():
 
 def test_stack_and_unstack_are_inverses():
   p = _unrolled_params()
-  stacked = qwen.stack_layers(p)
+  stacked = stack.stack_layers(p)
   assert "layers" in stacked and not any(k.startswith("layers_") for k in stacked)
   assert stacked["layers"]["mlp"]["gate"]["kernel"].shape == (4, 32, 48)
   np.testing.assert_array_equal(stacked["layers"]["attn"]["q"]["kernel"][2],
                                 p["layers_2"]["attn"]["q"]["kernel"])
-  _close(qwen.unstack_layers(stacked), p, rtol=0, atol=0)
-  assert qwen.stack_layers(stacked) is stacked  # Already stacked: unchanged.
-  assert qwen.unstack_layers(p) is p
+  _close(stack.unstack_layers(stacked), p, rtol=0, atol=0)
+  assert stack.stack_layers(stacked) is stacked  # Already stacked: unchanged.
+  assert stack.unstack_layers(p) is p
   partial = {k: v for k, v in p.items() if k != "layers_1"}
   with pytest.raises(ValueError, match="layers_0..layers_2"):
-    qwen.stack_layers(partial)
+    stack.stack_layers(partial)
 
 
 def test_scanned_init_has_the_stacked_layout():
   ids = jnp.zeros((1, 4), jnp.int32)
   p = qwen.Decoder(CFG, scan_layers=True).init(T._key(0), ids,
                                                method=qwen.Decoder.init_all)["params"]
-  want = jax.tree.map(lambda x: x.shape, qwen.stack_layers(_unrolled_params()))
+  want = jax.tree.map(lambda x: x.shape, stack.stack_layers(_unrolled_params()))
   assert jax.tree.map(lambda x: x.shape, p) == want
   q = np.asarray(p["layers"]["attn"]["q"]["kernel"])
   assert not np.allclose(q[0], q[1])  # Every layer drew its own init.
@@ -79,7 +81,7 @@ def test_scanned_init_has_the_stacked_layout():
 @pytest.mark.parametrize("remat", [None, "nothing_saveable"])
 def test_scanned_decoder_equals_unrolled(remat):
   p = _unrolled_params()
-  stacked = qwen.stack_layers(p)
+  stacked = stack.stack_layers(p)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
   mask = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], jnp.int32)
@@ -100,13 +102,13 @@ def test_scanned_decoder_equals_unrolled(remat):
 
   grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
   (v0, (h0, i0)), g0 = jax.jit(grad, static_argnums=2)(p, lora["llm"], False)
-  (v1, (h1, i1)), g1 = jax.jit(grad, static_argnums=2)(stacked, qwen.stack_layers(lora["llm"]),
+  (v1, (h1, i1)), g1 = jax.jit(grad, static_argnums=2)(stacked, stack.stack_layers(lora["llm"]),
                                                        True)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   _close(h1, h0)
   assert i1["visual_attn"].shape == (3, 2, 3, 3)
   _close(i1, i0)
-  _close(jax.tree.map(qwen.unstack_layers, g1, is_leaf=lambda x: "layers" in x), g0,
+  _close(jax.tree.map(stack.unstack_layers, g1, is_leaf=lambda x: "layers" in x), g0,
          rtol=1e-4, atol=1e-4)
 
 
@@ -115,7 +117,7 @@ def test_scanned_kv_cache_equals_unrolled():
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 7)), jnp.int32)
   cache = qwen.init_cache(CFG, 2, 10)
   outs = []
-  for scan, params in ((False, p), (True, qwen.stack_layers(p))):
+  for scan, params in ((False, p), (True, stack.stack_layers(p))):
     dec = qwen.Decoder(CFG, scan_layers=scan)
     logits, inter = dec.apply({"params": params}, ids, None, cache, method=qwen.Decoder.lm)
     step = jnp.asarray([[5], [9]], jnp.int32)
@@ -125,13 +127,33 @@ def test_scanned_kv_cache_equals_unrolled():
   _close(outs[1], outs[0])
 
 
+def test_scanned_siglip_equals_unrolled():
+  cfg = siglip.SiglipConfig(**dict(T.VISION, num_layers=4))
+  pixels = jnp.asarray(np.random.default_rng(2).normal(size=(2, 24, 24, 3)), jnp.float32)
+  enc = siglip.Encoder(cfg, feature_layer=-2)
+  p = enc.init(T._key(5), pixels)["params"]
+  assert sorted(k for k in p if k.startswith("layers_")) == ["layers_0", "layers_1",
+                                                             "layers_2"]
+  scanned = siglip.Encoder(cfg, feature_layer=-2, scan_layers=True)
+  init_shapes = jax.tree.map(lambda x: x.shape, scanned.init(T._key(5), pixels)["params"])
+  assert init_shapes == jax.tree.map(lambda x: x.shape, stack.stack_layers(p))
+  _close(scanned.apply({"params": stack.stack_layers(p)}, pixels), enc.apply({"params": p},
+                                                                            pixels))
+  # feature_layer 0 runs no layer: the scanned tower then holds no "layers" at all.
+  none = siglip.Encoder(cfg, feature_layer=0, scan_layers=True).init(T._key(5), pixels)
+  assert "layers" not in none["params"]
+
+
 def test_layout_conversion_and_hf_export_of_either_layout(tmp_path):
-  cfg = mllm.make_config(T.VISION, T.STUDENT, image_token_id=T.IMG, pad_token_id=T.PAD,
+  vision = dict(T.VISION, num_layers=3)  # Two layers run (feature_layer -2).
+  cfg = mllm.make_config(vision, T.STUDENT, image_token_id=T.IMG, pad_token_id=T.PAD,
                          eos_token_id=T.EOS)
   scfg = dataclasses.replace(cfg, scan_layers=True)
   params = jax.device_get(jax.jit(lambda: mllm.init_params(cfg, T._key(0)))())
   stacked = mllm.to_layout(scfg, params)
-  assert "layers" in stacked["llm"] and stacked["vision"] is params["vision"]
+  assert "layers" in stacked["llm"] and "layers" in stacked["vision"]
+  assert stacked["vision"]["layers"]["mlp"]["fc1"]["kernel"].shape == (2, 32, 64)
+  assert stacked["adapter"] is params["adapter"]
   assert mllm.to_layout(scfg, stacked)["llm"] is stacked["llm"]
   back_cfg, back = mllm.unscanned(scfg, stacked)
   assert back_cfg == cfg
@@ -151,16 +173,16 @@ def test_layout_conversion_and_hf_export_of_either_layout(tmp_path):
 
 
 def test_lora_and_sharding_rules_on_stacked_leaves():
-  p = {"llm": qwen.stack_layers(_unrolled_params())}
+  p = {"llm": stack.stack_layers(_unrolled_params())}
   lora = lora_lib.init_lora(p, params_lib.DEFAULT_LORA_TARGETS, 3, 6.0, T._key(2))
   f = lora["llm"]["layers"]["mlp"]["down"]["kernel"]
   assert f["a"].shape == (4, 48, 3) and f["b"].shape == (4, 3, 32)
   assert not np.allclose(f["a"][0], f["a"][1])
   lora = jax.tree.map(lambda x: x + 0.01, lora)
   merged = lora_lib.merge_lora(p, lora, 6.0, 3)
-  merged_each = lora_lib.merge_lora({"llm": qwen.unstack_layers(p["llm"])},
-                                    {"llm": qwen.unstack_layers(lora["llm"])}, 6.0, 3)
-  _close(qwen.unstack_layers(merged["llm"]), merged_each["llm"], rtol=1e-6, atol=1e-7)
+  merged_each = lora_lib.merge_lora({"llm": stack.unstack_layers(p["llm"])},
+                                    {"llm": stack.unstack_layers(lora["llm"])}, 6.0, 3)
+  _close(stack.unstack_layers(merged["llm"]), merged_each["llm"], rtol=1e-6, atol=1e-7)
 
   mesh = parallel.make_mesh(2, 2, 2)
   specs = parallel.param_specs({"llm": p["llm"], "lora": lora}, mesh)

@@ -6,7 +6,7 @@ decoder -> LM head. Shapes: input_ids int [B, L] holding exactly Nv image-token 
 image row (0 for text-only rows), pixel_values float32 [B, H, W, 3] NHWC, normalized.
 
 Param tree (docs/ARCHITECTURE.md): {"vision", "adapter", "post" (TAF only), "llm"}; the
-decoder layers under "llm" are "layers_{i}", or one stacked "layers" when
+layers under "vision" and "llm" are "layers_{i}", or one stacked "layers" each when
 cfg.scan_layers (`to_layout` converts; files always hold the unstacked layout).
 The pieces are separate functions so a train step can run the vision tower and the
 (teacher's) adapter once for teacher and student; `forward` chains them all.
@@ -29,6 +29,7 @@ import numpy as np
 from cdx.models import adapter as adapter_lib
 from cdx.models import qwen
 from cdx.models import siglip
+from cdx.models import stack
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,8 +52,8 @@ class MllmConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str | None = None  # jax.checkpoint_policies name for decoder layers, or None
-  # Decoder params stacked under llm/layers and run by lax.scan (qwen.Decoder); `to_layout`
-  # converts params between the two layouts. Saved models and HF exports are unstacked.
+  # Encoder and decoder layers stacked under vision/layers, llm/layers and run by lax.scan
+  # (cdx/models/stack.py); `to_layout` converts. Saved models and HF exports are unstacked.
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -146,7 +147,7 @@ def _dtypes(cfg: MllmConfig):
 
 def _vision(cfg: MllmConfig) -> siglip.Encoder:
   dtype, param_dtype = _dtypes(cfg)
-  return siglip.Encoder(cfg.vision, cfg.feature_layer, dtype, param_dtype)
+  return siglip.Encoder(cfg.vision, cfg.feature_layer, dtype, param_dtype, cfg.scan_layers)
 
 
 def _adapter(cfg: MllmConfig) -> adapter_lib.Connector:
@@ -168,13 +169,17 @@ def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False,
 
 
 def to_layout(cfg: MllmConfig, tree: dict) -> dict:
-  """`tree` (params, or any tree shaped like them, e.g. LoRA factors) with its "llm"
-  decoder layers stacked when cfg.scan_layers, unstacked otherwise; no-op if already so."""
-  if "llm" not in tree:
-    return tree
-  if cfg.scan_layers:
-    return {**tree, "llm": qwen.stack_layers(tree["llm"])}
-  return {**tree, "llm": qwen.unstack_layers(tree["llm"], cfg.text.num_layers)}
+  """`tree` (params, or any tree shaped like them, e.g. LoRA factors) with the layers of
+  its "vision" and "llm" parts stacked when cfg.scan_layers, unstacked otherwise (no-op
+  where they already are)."""
+  counts = {"vision": siglip.layers_needed(cfg.vision, cfg.feature_layer),
+            "llm": cfg.text.num_layers}
+  out = dict(tree)
+  for part, n in counts.items():
+    if isinstance(out.get(part), dict):
+      out[part] = (stack.stack_layers(out[part]) if cfg.scan_layers
+                   else stack.unstack_layers(out[part], n))
+  return out
 
 
 def unscanned(cfg: MllmConfig, params: dict) -> tuple[MllmConfig, dict]:

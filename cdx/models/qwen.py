@@ -26,7 +26,7 @@ clamped by XLA, so S must cover prompt + new tokens.
 
 Layer layouts: by default each layer is its own module and params are "layers_{i}"; with
 `Decoder(scan_layers=True)` the layers' params are stacked under "layers" (leading axis
-num_layers, `stack_layers`/`unstack_layers` convert) and one `lax.scan` runs them.
+num_layers, cdx/models/stack.py converts) and one `lax.scan` runs them.
 
 LoRA, factored (as PEFT computes it): pass the factors as a second variable collection,
   Decoder(cfg, lora_scale=alpha / rank).apply({"params": p, "lora": f}, ...)
@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from cdx.models import attention
+from cdx.models import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,46 +257,11 @@ class DecoderLayer(nn.Module):
     return x, extras, new_kv
 
 
-def stack_layers(tree: dict) -> dict:
-  """{"layers_0": t0, ..., "layers_{n-1}": t} -> {"layers": leaves stacked on a new axis 0}.
-
-  Works on any tree shaped like a decoder's params (the params, LoRA factors, gradients,
-  Adam moments); other keys are kept. A tree already stacked is returned unchanged."""
-  names = [k for k in tree if k.startswith("layers_")]
-  if not names:
-    return tree
-  n = len(names)
-  if sorted(names) != sorted(f"layers_{i}" for i in range(n)):
-    raise ValueError(f"cannot stack layers {sorted(names)}: expected layers_0..layers_{n - 1} "
-                     "(a scanned stack needs every layer, e.g. LoRA on all of them).")
-  out = {k: v for k, v in tree.items() if k not in names}
-  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"]
-                                                            for i in range(n)])
-  return out
-
-
-def unstack_layers(tree: dict, num_layers: int | None = None) -> dict:
-  """Inverse of `stack_layers`; a tree without "layers" is returned unchanged.
-
-  `num_layers` is needed only when "layers" holds no array (e.g. the frozen-out half of
-  a partitioned tree, all None)."""
-  if "layers" not in tree:
-    return tree
-  out = {k: v for k, v in tree.items() if k != "layers"}
-  leaves = jax.tree.leaves(tree["layers"])
-  n = leaves[0].shape[0] if leaves else num_layers
-  if n is None:
-    raise ValueError("unstack_layers: 'layers' holds no arrays; pass num_layers.")
-  for i in range(n):
-    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
-  return out
-
-
 class Decoder(nn.Module):
   """Qwen2 decoder stack; see the module docstring for the methods.
 
   scan_layers: params of all layers stacked under "layers" ([num_layers, ...] leaves,
-  `stack_layers` of the unrolled "layers_{i}") and run by one `lax.scan` with a
+  `stack.stack_layers` of the unrolled "layers_{i}") and run by one `lax.scan` with a
   rematerialized body, instead of num_layers unrolled `layers_{i}` modules. Same maths;
   the compiled program holds one layer, so compile time and (on XLA:CPU) the memory of
   remat and of compute-dtype weight casts stop growing with depth (docs/PERFORMANCE.md).
@@ -350,8 +316,7 @@ class Decoder(nn.Module):
     x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)
     pos = jnp.zeros((1, 1), jnp.int32)
     mask = attention.causal_mask(jnp.ones((1, 1), jnp.int32))
-    init = lambda r: self._one_layer().init(r, x, pos, mask, None, None)["params"]
-    return jax.vmap(init)(jax.random.split(rng, self.cfg.num_layers))
+    return stack.init(self._one_layer(), rng, self.cfg.num_layers, x, pos, mask, None, None)
 
   def embed_tokens(self, ids: jax.Array) -> jax.Array:
     return self.embed(ids)

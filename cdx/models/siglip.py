@@ -13,6 +13,7 @@ Param tree (every linear is a 2-D `kernel [in, out]` + `bias`):
   patch/{kernel [p*p*3, D], bias}   patch conv as a matmul over (row, col, channel) pixels
   pos_embedding [N, D]
   layers_i/{norm1, attn/{q,k,v,o}, norm2, mlp/{fc1, fc2}}
+or, with `scan_layers`, one `layers/...` whose leaves are stacked [n, ...] (stack.py).
 """
 import dataclasses
 from typing import Any
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cdx.models import attention
+from cdx.models import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Encoder(nn.Module):
   feature_layer: int = -2
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False  # layers stacked under "layers", run by lax.scan (stack.py)
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -152,6 +155,14 @@ class Encoder(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.02),
                      (cfg.num_patches, cfg.hidden_size), self.param_dtype)
     x = x + pos.astype(self.dtype)[None]
-    for i in range(layers_needed(cfg, self.feature_layer)):
-      x = _Block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+    n = layers_needed(cfg, self.feature_layer)
+    if not self.scan_layers:
+      for i in range(n):
+        x = _Block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+      return x
+    if n == 0:
+      return x
+    block = _Block(cfg, self.dtype, self.param_dtype, parent=None)
+    layers = self.param("layers", lambda rng: stack.init(block, rng, n, x[:1, :1]))
+    x, _ = jax.lax.scan(lambda x, p: (block.apply({"params": p}, x), None), x, layers)
     return x
