@@ -420,3 +420,22 @@ def test_malformed_files_and_bad_arguments(tmp_path):
     benchmarks.load("sugarcrep", str(root))
   with pytest.raises(ValueError, match="does not exist"):
     benchmarks.load("pope", str(tmp_path / "nowhere"))
+
+
+def test_data_flags(tmp_path):
+  root = tmp_path / "sugarcrepe"
+  _sugarcrepe_json(root)
+  os.rename(root / "val2017", tmp_path / "coco")
+  data = benchmarks.parse_data([f"sugarcrepe={root}", f"sugarcrepe_images={tmp_path}/coco",
+                                f"textvqa={tmp_path}/tv"])
+  assert data["sugarcrepe_images"] == f"{tmp_path}/coco"
+  ds = benchmarks.load_from_data("sugarcrepe", data)
+  assert len(ds.items) == 3 and os.path.isfile(ds.items[0]["image"])
+  with pytest.raises(ValueError, match="reads its files from --data=pope=PATH"):
+    benchmarks.load_from_data("pope", data)
+  with pytest.raises(ValueError, match="unknown NAME 'sugar'"):
+    benchmarks.parse_data(["sugar=/x"])
+  with pytest.raises(ValueError, match="expected NAME=PATH"):
+    benchmarks.parse_data(["pope"])
+  with pytest.raises(ValueError, match="'pope' given twice"):
+    benchmarks.parse_data(["pope=/a", "pope=/b"])

@@ -9,8 +9,10 @@
 
 `BENCHMARKS` names every benchmark, the `--data` key its files come under and where in
 PATH its files and images are looked for; docs/EVALUATION.md has the same table with the
-public layouts. Per-format readers (read_sugarcrepe, read_pope, ...) are exported too;
-they parse files and do not look at images, `load` checks the images afterwards.
+public layouts. `parse_data(["NAME=PATH", ...])` and `load_from_data(name, data)` serve
+the --data flags (NAME_images=DIR gives an image folder kept outside PATH). Per-format
+readers (read_sugarcrepe, read_pope, ...) are exported too; they parse files and do not
+look at images, `load` checks the images afterwards.
 
 Formats read:
   SugarCrepe    GitHub {subset}.json = {id: {"filename", "caption", "negative_caption"}}
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cdx.eval.benchmarks import captions
@@ -259,11 +261,42 @@ def load(name: str, path: str, images: str | None = None, missing: str = "error"
   return Dataset(name, items, fingerprint(used, len(items), len(skipped)), skipped)
 
 
+def load_from_data(name: str, data: Mapping[str, str], missing: str = "error",
+                   **options: Any) -> Dataset:
+  """`load` with the paths of --data=NAME=PATH flags: data[Spec.data] is PATH and
+  data[Spec.data + "_images"], when given, the image folder."""
+  if name not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}.")
+  key = BENCHMARKS[name].data
+  if key not in data:
+    raise ValueError(f"benchmark {name!r} reads its files from --data={key}=PATH; it is "
+                     f"missing (given: {sorted(data)}).")
+  return load(name, data[key], data.get(key + "_images"), missing, **options)
+
+
+def parse_data(flags: Sequence[str]) -> dict[str, str]:
+  """["NAME=PATH", ...] (the --data flags) -> {NAME: PATH}; NAME is a data key of
+  BENCHMARKS, optionally with "_images"."""
+  keys = {spec.data for spec in BENCHMARKS.values()}
+  out = {}
+  for flag in flags:
+    name, sep, path = flag.partition("=")
+    if not sep or not path:
+      raise ValueError(f"--data={flag!r}: expected NAME=PATH.")
+    if name.removesuffix("_images") not in keys:
+      raise ValueError(f"--data={flag!r}: unknown NAME {name!r}; expected one of "
+                       f"{sorted(keys)} (or NAME_images).")
+    if name in out:
+      raise ValueError(f"--data: {name!r} given twice.")
+    out[name] = os.path.expanduser(path)
+  return out
+
+
 __all__ = [
     "BENCHMARKS", "Dataset", "Item", "MISSING", "MME_SUBTASKS", "PAIRED_FIELDS",
     "POPE_SPLITS", "SUGARCREPE_PP_SUBSETS", "SUGARCREPE_SUBSETS", "SYNTHETIC_FIELDS",
     "SYNTHETIC_FILES", "Spec", "check_images", "file_source", "fingerprint", "load",
-    "read_bivlc", "read_gqa", "read_mme", "read_paired", "read_pope", "read_pope_dir",
-    "read_sugarcrepe", "read_sugarcrepe_dir", "read_sugarcrepe_parquet",
-    "read_sugarcrepe_pp", "read_sugarcrepe_pp_dir", "read_synthetic", "read_textvqa",
-    "read_vizwiz", "read_vqav2", "read_winoground"]
+    "load_from_data", "parse_data", "read_bivlc", "read_gqa", "read_mme", "read_paired",
+    "read_pope", "read_pope_dir", "read_sugarcrepe", "read_sugarcrepe_dir",
+    "read_sugarcrepe_parquet", "read_sugarcrepe_pp", "read_sugarcrepe_pp_dir",
+    "read_synthetic", "read_textvqa", "read_vizwiz", "read_vqav2", "read_winoground"]
