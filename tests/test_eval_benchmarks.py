@@ -153,6 +153,20 @@ def test_sugarcrepe_hf_parquet_layout(tmp_path):
     benchmarks.load("sugarcrepe", str(root), cache_dir=str(tmp_path / "cache"))
 
 
+def test_sugarcrepe_parquet_shards_share_a_cache(tmp_path):
+  root = tmp_path / "hf" / "SugarCrepe_add_obj" / "data"
+  for shard in (0, 1):   # same row number, same image size, different pixels
+    _hf_parquet(root / f"test-0000{shard}-of-00002.parquet", {
+        "image": pa.array([{"bytes": _png_bytes(shard + 1), "path": None}], _IMAGE),
+        "caption": [f"caption {shard}"], "negative_caption": [f"negative {shard}"]}, {})
+  ds = benchmarks.load("sugarcrepe", str(tmp_path / "hf"), cache_dir=str(tmp_path / "c"))
+  assert [it["uid"] for it in ds.items] == ["sugarcrepe/add_obj/0", "sugarcrepe/add_obj/1"]
+  assert ds.items[1]["positive"] == "caption 1"
+  for n, item in enumerate(ds.items):
+    with Image.open(item["image"]) as im:
+      assert np.asarray(im)[0, 0, 0] == n + 1
+
+
 def test_sugarcrepe_flat_parquet_file(tmp_path):
   path = tmp_path / "replace_rel.parquet"
   _hf_parquet(path, {"images": pa.array([{"bytes": _png_bytes(3), "path": None}], _IMAGE),
@@ -416,6 +430,8 @@ def test_malformed_files_and_bad_arguments(tmp_path):
          lines=True)
   with pytest.raises(ValueError, match="'winoground/0' occurs twice"):
     benchmarks.load("winoground", str(tmp_path / "w"), images=str(tmp_path))
+  with pytest.raises(ValueError, match=r"sugarcrepe: unknown option\(s\) \['split'\]"):
+    benchmarks.load("sugarcrepe", str(root), split="val")
   with pytest.raises(ValueError, match="unknown benchmark 'sugarcrep'"):
     benchmarks.load("sugarcrep", str(root))
   with pytest.raises(ValueError, match="does not exist"):

@@ -86,6 +86,7 @@ class Spec:
   read: Reader
   image_dirs: tuple[str, ...]     # image folders looked for in PATH; () = in the layout
   layout: str                     # one line for help texts
+  options: tuple[str, ...] = ()   # keyword options `load` passes on
 
 
 def _find_images(path: str, spec: Spec) -> str | None:
@@ -201,36 +202,41 @@ def _synthetic(kind: str):
 
 BENCHMARKS: dict[str, Spec] = {
     "sugarcrepe": Spec("sugarcrepe", _sugarcrepe, ("val2017", "coco/val2017", "images"),
-                       "{subset}.json + val2017/, or SugarCrepe_{subset}/data/*.parquet"),
+                       "{subset}.json + val2017/, or SugarCrepe_{subset}/data/*.parquet",
+                       ("subset", "cache_dir")),
     "sugarcrepe_pp": Spec("sugarcrepe_pp", _sugarcrepe_pp,
                           ("val2017", "coco/val2017", "images"),
-                          "[data/]{subset}.json + val2017/"),
+                          "[data/]{subset}.json + val2017/", ("subset",)),
     "winoground": Spec("winoground", _winoground, (),
                        "[data/]examples.jsonl + [data/]images/"),
-    "bivlc": Spec("bivlc", _bivlc, (), "[data/]test-*.parquet (images embedded)"),
+    "bivlc": Spec("bivlc", _bivlc, (), "[data/]test-*.parquet (images embedded)",
+                  ("cache_dir",)),
     "pope": Spec("pope", _pope, ("val2014", "coco/val2014", "images"),
-                 "[coco/]coco_pope_{random,popular,adversarial}.json + val2014/"),
+                 "[coco/]coco_pope_{random,popular,adversarial}.json + val2014/", ("split",)),
     "vqav2": Spec("vqav2", _vqav2, (),
-                  "v2_OpenEnded_mscoco_{split}_questions.json [+ annotations] + {split}/"),
+                  "v2_OpenEnded_mscoco_{split}_questions.json [+ annotations] + {split}/",
+                  ("split", "annotations")),
     "gqa": Spec("gqa", _one_file("gqa", ("testdev_balanced_questions.json",
-                                  "questions/testdev_balanced_questions.json"),
+                                         "questions/testdev_balanced_questions.json"),
                                  vqa.read_gqa),
-                ("images", "allImages/images"),
-                "testdev_balanced_questions.json + images/"),
+                ("images", "allImages/images"), "testdev_balanced_questions.json + images/"),
     "textvqa": Spec("textvqa", _textvqa(False), ("train_images", "images"),
-                    "TextVQA_0.5.1_val.json + train_images/ (no OCR line)"),
+                    "TextVQA_0.5.1_val.json + train_images/ (no OCR line)",
+                    ("questions", "ocr_path")),
     "textvqa_ocr": Spec("textvqa", _textvqa(True), ("train_images", "images"),
                         "TextVQA_0.5.1_val.json + llava_textvqa_val_v051_ocr.jsonl or "
-                        "TextVQA_Rosetta_OCR_v0.2_val.json + train_images/"),
+                        "TextVQA_Rosetta_OCR_v0.2_val.json + train_images/",
+                        ("questions", "ocr_path")),
     "vizwiz": Spec("vizwiz", _one_file("vizwiz", ("val.json", "Annotations/val.json"),
                                        vqa.read_vizwiz),
-                   ("val", "images"), "val.json + val/"),
+                   ("val", "images"), "[Annotations/]val.json + val/"),
     "mme": Spec("mme", _mme, (), "MME_Benchmark_release_version/{subtask}/..."),
-    "synthetic_vqa": Spec("synthetic", _synthetic("vqa"), (), "DIR/eval/vqa.json"),
+    "synthetic_vqa": Spec("synthetic", _synthetic("vqa"), (), "DIR/eval/vqa.json",
+                          ("root",)),
     "synthetic_sugarcrepe": Spec("synthetic", _synthetic("sugarcrepe"), (),
-                                 "DIR/eval/sugarcrepe_{subset}.json"),
+                                 "DIR/eval/sugarcrepe_{subset}.json", ("root",)),
     "synthetic_paired": Spec("synthetic", _synthetic("paired"), (),
-                             "DIR/eval/winoground.json"),
+                             "DIR/eval/winoground.json", ("root",)),
 }
 
 
@@ -240,9 +246,10 @@ def load(name: str, path: str, images: str | None = None, missing: str = "error"
 
   images: the image folder when it is not in PATH (--data={data}_images=DIR).
   missing: "error" (default) or "skip" items whose image file is absent.
-  options: subset= (one SugarCrepe(++) file), split= (VQAv2 split, one POPE file),
-  annotations= (VQAv2 file), questions= / ocr_path= (TextVQA), cache_dir= (where
-  parquet images are written), root= (synthetic export dir).
+  options (Spec.options names those each benchmark takes): subset= (one SugarCrepe(++)
+  file), split= (VQAv2 split, one POPE file), annotations= (VQAv2 file), questions= /
+  ocr_path= (TextVQA), cache_dir= (where parquet images are written), root= (synthetic
+  export dir).
   """
   if name not in BENCHMARKS:
     raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}.")
@@ -252,6 +259,9 @@ def load(name: str, path: str, images: str | None = None, missing: str = "error"
     raise ValueError(f"{name}: data path {path!r} does not exist (--data="
                      f"{BENCHMARKS[name].data}=PATH).")
   spec = BENCHMARKS[name]
+  unknown = sorted(set(options) - set(spec.options))
+  if unknown:
+    raise ValueError(f"{name}: unknown option(s) {unknown}; it takes {list(spec.options)}.")
   items, used = spec.read(path, images or _find_images(path, spec), options)
   files.check_unique(items, path)
   items, skipped = check_images(items, missing)

@@ -79,12 +79,11 @@ def read_sugarcrepe_parquet(path: str, subset: str | None = None,
   Two public column layouts are read:
     HuggingFaceM4/SugarCrepe_{subset}: "image" (embedded), "tested_labels" = [caption,
         negative_caption], "true_label" (a ClassLabel; its name must be tested_labels[0])
-    flat copies: "image" or "images" (embedded, or a file name), "caption",
-        "negative_caption"
+    flat copies: "image" or "images" (embedded), "caption", "negative_caption"
   Embedded images are written once to cache_dir (see `files.image_cache`); "filename" is
   the stored image name when there is one. The id is the row number, which follows the
-  GitHub file's order. subset defaults to the subset named
-  in the path (e.g. the "SugarCrepe_swap_obj" folder).
+  GitHub file's order. subset defaults to the subset named in the path (e.g. the
+  "SugarCrepe_swap_obj" folder).
   """
   subset = subset or _subset_in_path(path, SUGARCREPE_SUBSETS)
   if subset not in SUGARCREPE_SUBSETS:
@@ -98,13 +97,17 @@ def read_sugarcrepe_parquet(path: str, subset: str | None = None,
   for n, row in enumerate(rows):
     if "tested_labels" in row:
       labels = row["tested_labels"]
+      labels = labels.tolist() if hasattr(labels, "tolist") else labels   # pandas: array
       if not isinstance(labels, list) or len(labels) != 2:
         raise ValueError(f"{path!r}: row {n} field 'tested_labels' must be [caption, "
                          f"negative_caption], got {labels!r}.")
       positive, negative = labels
-      if names and row.get("true_label") is not None and names[row["true_label"]] != positive:
-        raise ValueError(f"{path!r}: row {n} field 'true_label' names "
-                         f"{names[row['true_label']]!r}, not tested_labels[0] {positive!r}.")
+      label = row.get("true_label")
+      named = names[label] if names and label is not None and 0 <= label < len(names) else (
+          positive if label is None or not names else None)
+      if named != positive:
+        raise ValueError(f"{path!r}: row {n} field 'true_label' ({label}) names {named!r}, "
+                         f"not tested_labels[0] {positive!r}.")
     else:
       positive = files.field(row, "caption", path, n)
       negative = files.field(row, "negative_caption", path, n)
@@ -112,13 +115,10 @@ def read_sugarcrepe_parquet(path: str, subset: str | None = None,
     value = files.field(row, column, path, n)
     if isinstance(value, list) and len(value) == 1:
       value = value[0]
+    image = files.save_image(value, cache, f"{subset}_{n:06d}", path, column)
     extra = {}
-    if isinstance(value, str):
-      image = value
-    else:
-      image = files.save_image(value, cache, f"{subset}_{n:06d}", path, column)
-      if isinstance(value, Mapping) and value.get("path"):
-        extra["filename"] = os.path.basename(value["path"])   # the COCO file name
+    if isinstance(value, Mapping) and value.get("path"):
+      extra["filename"] = os.path.basename(value["path"])   # the COCO file name
     items.append(files.make_item("sugarcrepe", n, subset, source, image=image,
                                  positive=positive, negative=negative, **extra))
   return items
@@ -298,9 +298,8 @@ def read_bivlc(path: str, cache_dir: str | None = None) -> list[Item]:
       parts: dict[str, Any] = {}
       for k, (image_col, caption_col) in enumerate((("image", "caption"),
                                                     ("negative_image", "negative_caption"))):
-        value = files.field(row, image_col, shard, n)
-        parts[f"image_{k}"] = (value if isinstance(value, str) else
-                               files.save_image(value, cache, f"{n:06d}_{k}", shard, image_col))
+        parts[f"image_{k}"] = files.save_image(files.field(row, image_col, shard, n), cache,
+                                               f"{n:06d}_{k}", shard, image_col)
         parts[f"caption_{k}"] = files.field(row, caption_col, shard, n)
       for k in ("type", "subtype"):
         if k in row:

@@ -255,16 +255,16 @@ def parquet_files(path: str) -> list[str]:
 
 def save_image(value: Any, cache_dir: str, name: str, path: str, column: str) -> str:
   """Writes an embedded image (an HF Image cell {"bytes", "path"}, or raw bytes) to
-  cache_dir/name + its extension once, and returns the file's path."""
+  cache_dir/{name}-{sha1 of the bytes}{ext} unless there, and returns that path: the
+  content hash keeps a shared cache_dir from serving another file's image."""
   data = value.get("bytes") if isinstance(value, Mapping) else value
   if not isinstance(data, (bytes, bytearray)) or not data:
     raise ValueError(f"{path!r}: column {column!r} of row {name!r} holds no image bytes "
                      f"(got {type(data).__name__}).")
   ext = os.path.splitext(str(value.get("path") or ""))[1] if isinstance(value, Mapping) else ""
-  if not ext:
-    ext = _image_ext(data)
-  out = os.path.join(cache_dir, name + ext)
-  if not os.path.isfile(out) or os.path.getsize(out) != len(data):
+  out = os.path.join(cache_dir, f"{name}-{hashlib.sha1(data).hexdigest()[:10]}"
+                     f"{ext or _image_ext(data)}")
+  if not os.path.isfile(out):
     os.makedirs(cache_dir, exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
@@ -283,8 +283,8 @@ def _image_ext(data: bytes) -> str:
 
 
 def image_cache(path: str, cache_dir: str | None) -> str:
-  """Where a parquet file's embedded images go: cache_dir, else a folder beside it named
-  after the file and its content hash (a changed file never reuses stale images)."""
+  """Where a parquet file's embedded images go: cache_dir, else a folder beside the file
+  named after it and its content hash."""
   if cache_dir:
     return cache_dir
   stem = os.path.splitext(os.path.basename(path))[0]
