@@ -287,6 +287,11 @@ def test_vqav2_layout_and_splits(tmp_path):
   assert item["uid"] == "vqav2/420" and item["answers"] == ["red"] * 10
   assert item["prompt"] == "What color?" + SUFFIX and item["category"] == "other"
   assert item["question_type"] == "what" and len(ds.fingerprint["files"]) == 2
+  _write(root / "v2_mscoco_val2014_annotations.json", [])
+  with pytest.raises(ValueError, match="annotations.json': the document is a list, "
+                                       "expected an object with field 'annotations'"):
+    benchmarks.load("vqav2", str(root))
+  os.remove(root / "v2_mscoco_val2014_annotations.json")
 
   # Test-dev: no annotations; its images are named and stored as test2015.
   _write(root / "v2_OpenEnded_mscoco_test-dev2015_questions.json", {
@@ -340,6 +345,7 @@ def test_textvqa_with_and_without_ocr_line(tmp_path):
   assert with_ocr["uid"] == "textvqa/ocr/3" and with_ocr["answers"] == ["nikon"] * 10
   plain = benchmarks.load("textvqa", str(root)).items[0]
   assert plain["prompt"] == "what brand is it?" + SUFFIX and plain["ocr"] is False
+  assert plain["ocr_tokens"] == []
   assert plain["uid"] == "textvqa/plain/3"
 
   # Without LLaVA's question file the line is built from Rosetta tokens.
@@ -371,6 +377,10 @@ def test_vizwiz_layout(tmp_path):
                             "respond with 'Unanswerable'." + SUFFIX)
   _write(root / "val.json", {"image": "x.jpg"})
   with pytest.raises(ValueError, match="val.json': expected a list of questions"):
+    benchmarks.load("vizwiz", str(root))
+  _write(root / "val.json", [{"image": "x.jpg", "question": "Why?", "answers": ["soup"]}])
+  with pytest.raises(ValueError, match="record 'x.jpg' is a str, expected an object with "
+                                       "field 'answer'"):
     benchmarks.load("vizwiz", str(root))
 
 

@@ -193,8 +193,11 @@ def records(doc: Any, path: str) -> list[tuple[str, Mapping[str, Any]]]:
 
 def field(rec: Mapping[str, Any], name: str, path: str, key: Any = None) -> Any:
   """rec[name], or a one-line error naming the file, the record and the field."""
+  where = f"record {str(key)!r}" if key is not None else "the document"
+  if not isinstance(rec, Mapping):
+    raise ValueError(f"{path!r}: {where} is a {type(rec).__name__}, expected an object "
+                     f"with field {name!r}.")
   if name not in rec:
-    where = f"record {str(key)!r}" if key is not None else "a record"
     raise ValueError(f"{path!r}: {where} lacks field {name!r} (has {sorted(rec)}).")
   return rec[name]
 

@@ -173,7 +173,8 @@ def read_textvqa(path: str, image_dir: str, ocr_path: str | None = None,
     items.append(files.make_item(
         "textvqa", qid, "ocr" if with_line else "plain", source,
         image=os.path.join(image_dir, f"{image_id}.jpg"), question=question,
-        prompt=prompt, ocr=bool(with_line), ocr_tokens=line_tokens or [], **extra))
+        prompt=prompt, ocr=bool(with_line),
+        ocr_tokens=(line_tokens or []) if with_line else [], **extra))
   return items
 
 
