@@ -192,12 +192,16 @@ def evaluate_split(model: Model, eval_dir: str, limit: int | None = None,
                                     generate)
     metrics["sugarcrepe"] = {"overall": r["overall"], "subsets": r["subsets"]}
     details["sugarcrepe"] = {"by_order": r["by_order"], "unparsed": r["unparsed"],
-                             "missing_subsets": r["missing_subsets"]}
+                             "missing_subsets": r["missing_subsets"],
+                             "protocol": r["protocol"]}
     records["sugarcrepe"], sources = r["records"], sources + r["sources"]
   if "vqa" in sets:
-    r = scoring.evaluate_vqa(_take(sets["vqa"], limit), generate)
+    # The synthetic answers are capitalized ("Yes"), which GQA's reference rule (only the
+    # reply lower-cased) never matches: cdx's case-blind rule serves this set.
+    r = scoring.evaluate_vqa(_take(sets["vqa"], limit), generate, rule="cdx")
     metrics["vqa"] = {"accuracy": r["accuracy"]}
-    details["vqa"] = {"metric": r["metric"], "by_category": r.get("by_category", {})}
+    details["vqa"] = {"metric": r["metric"], "protocol": r["protocol"],
+                      "by_category": r.get("by_category", {})}
     records["vqa"], sources = r["records"], sources + r["sources"]
   if "paired" in sets:
     r = scoring.evaluate_paired(_take(sets["paired"], limit), score)

@@ -1,4 +1,4 @@
-"""Benchmark scorers (SPEC §9): prompts, reply parsing and metrics, in plain Python.
+"""Benchmark scorers: prompts, reply parsing and metrics, in plain Python.
 
 Nothing here runs a model. Every `evaluate_*` function takes prompt items (dicts made by
 `cdx.eval.benchmarks`) and a callable:
@@ -10,18 +10,26 @@ Nothing here runs a model. Every `evaluate_*` function takes prompt items (dicts
       P("Yes") for `yes_no_prompt(caption)` or the caption's log-likelihood
 
 so they can be tested with fakes and served by any generation loop. Results are plain
-dicts of floats in [0, 1] (MME: points), with per-item `records` and the `sources` of the
-data (see `benchmarks.file_source`) so a number always travels with its dataset version.
+dicts of floats in [0, 1] (MME: points), with per-item `records`, the `sources` of the
+data (see `benchmarks.file_source`) so a number always travels with its dataset version,
+and the `protocol` that produced it.
+
+By default every scorer reproduces the public reference scorer behind the published
+numbers, quirks included (docs/EVALUATION.md lists each rule); where cdx has a cleaner
+rule it is kept as a named option (rule="cdx"). Replies are taken as LLaVA's answer files
+hold them: decoded and stripped.
 
 Benchmarks:
-  SugarCrepe  two-choice question asked in both orders; parse the first standalone A/B.
+  SugarCrepe  CompoDistill's parse: two-choice question asked in both orders; the first
+              standalone A/B of the upper-cased reply ("a cat ..." answers A).
   Paired      Winoground / BiVLC 2x2 score matrices: text, image and group scores.
-  VQA         EvalAI answer normalization, soft accuracy over 10 leave-one-out subsets
-              (VQAv2, VizWiz, TextVQA); exact match (GQA, the synthetic world).
-  POPE        first sentence holding "no"/"not" -> no; accuracy, precision, recall, F1,
-              yes-ratio per split.
-  MME         per-subtask acc and acc+ (both questions of an image right); perception total
-              out of 2000, cognition total out of 800.
+  VQA         soft accuracy over 10 leave-one-out subsets with LLaVA's m4c (EvalAI)
+              normalization (VQAv2, VizWiz, TextVQA); GQA: LLaVA's conversion + exact
+              match.
+  POPE        LLaVA's eval_pope: "No"/"no"/"not" among the space-split words of the first
+              sentence -> no; accuracy, precision, recall, F1, yes-ratio per split.
+  MME         calculation.py: per-subtask acc and acc+ (both questions of an image
+              right); perception total out of 2000, cognition total out of 800.
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from cdx.eval import vqa_answers
+from cdx.eval.vqa_answers import check_rule
 
 Item = dict[str, Any]
 Generate = Callable[[list[Item]], list[str]]
@@ -62,14 +73,18 @@ _CHOICE = re.compile(r"\b([AB])\b")
 
 
 def sugarcrepe_question(a: str, b: str) -> str:
-  """The two-choice question of SPEC §9 (the space before `(B)` is deliberate)."""
+  """The two-choice question of docs/METHOD.md §9 (the space before `(B)` is deliberate)."""
   return (f"Which caption best describes the image?\n(A) {a}\n (B) {b}\n"
           "Answer with the option's alphabet from the given choices directly.")
 
 
 def parse_choice(reply: str) -> str | None:
-  """First standalone A or B of the upper-cased reply ("(B)" -> B, "ABSOLUTELY" -> None)."""
-  m = _CHOICE.search(reply.upper())
+  """CompoDistill's parse: the first standalone A or B of the upper-cased reply.
+
+  "(B)" -> B, "ABSOLUTELY" -> None, "option_A" -> None (underscore is a word character),
+  and a reply that starts with the article "a" picks A ("a red cube" -> A).
+  """
+  m = _CHOICE.search(reply.strip().upper())
   return m.group(1) if m else None
 
 
@@ -89,7 +104,7 @@ def evaluate_sugarcrepe(items_by_subset: Mapping[str, Sequence[Item]],
 
   items_by_subset: {subset: [{"id", "image", "positive", "negative", ...}]}.
   Returns {"overall", "subsets": {name: acc}, "by_order": {order: acc} (position bias),
-  "missing_subsets", "unparsed" (replies with no A/B), "records", "sources"}.
+  "protocol", "missing_subsets", "unparsed" (replies with no A/B), "records", "sources"}.
   """
   unknown = sorted(set(items_by_subset) - set(SUGARCREPE_SUBSETS))
   if unknown:
@@ -105,13 +120,18 @@ def evaluate_sugarcrepe(items_by_subset: Mapping[str, Sequence[Item]],
     pred = parse_choice(reply)
     records.append({"id": p["id"], "subset": p["subset"], "order": p["order"],
                     "reply": reply, "pred": pred, "correct": pred == p["answer"]})
-  subsets = {s: _mean([r["correct"] for r in records if r["subset"] == s])
-             for s in SUGARCREPE_SUBSETS if s in items_by_subset}
+  # As the reference: per subset the mean of the two orders' accuracies.
+  subsets = {}
+  for s in SUGARCREPE_SUBSETS:
+    if s in items_by_subset:
+      subsets[s] = _mean([_mean([r["correct"] for r in records
+                                 if r["subset"] == s and r["order"] == o])
+                          for o in ("pos_first", "pos_second")])
   by_order = {o: _mean([r["correct"] for r in records if r["order"] == o])
               for o in ("pos_first", "pos_second")}
   all_items = [it for items in items_by_subset.values() for it in items]
   return {"overall": _mean(list(subsets.values())), "subsets": subsets,
-          "by_order": by_order,
+          "by_order": by_order, "protocol": "sugarcrepe/compodistill",
           "missing_subsets": [s for s in SUGARCREPE_SUBSETS if s not in items_by_subset],
           "unparsed": sum(r["pred"] is None for r in records), "records": records,
           "sources": _sources(all_items)}
@@ -163,7 +183,8 @@ def evaluate_paired(items: Sequence[Item], score: Score) -> dict[str, Any]:
               for n in range(len(items))]
   records = [{"id": item.get("id"), "scores": m, **paired_item_scores(m)}
              for item, m in zip(items, matrices)]
-  return {**paired_scores(matrices), "records": records, "sources": _sources(items)}
+  return {**paired_scores(matrices), "protocol": "paired/winoground", "records": records,
+          "sources": _sources(items)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,124 +193,32 @@ def evaluate_paired(items: Sequence[Item], score: Score) -> dict[str, Any]:
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
-# EvalAI answer normalization, written from the rules the VQA challenge states.
-# Punctuation that becomes a space (or vanishes, see _strip_punctuation); apostrophes and
-# colons are kept, periods are handled apart because of decimals.
-_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
-_DIGIT_COMMA = re.compile(r"(\d),(\d)")
-_PERIOD = re.compile(r"\.(?!\d)")   # a period not followed by a digit (decimals survive)
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-# Contractions; any spelling missing one or more of the apostrophes is restored. Forms
-# whose apostrophe-less spelling is an ordinary word (its, ill, well, were, shed, ...) are
-# left out on purpose.
-_CONTRACTIONS = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't",
-    "doesn't", "don't", "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've",
-    "he's", "how'd", "how'll", "how's", "i'd've", "i'm", "i've", "isn't", "it'd",
-    "it'd've", "it'll", "ma'am", "mightn't", "mightn't've", "might've", "mustn't",
-    "must've", "needn't", "not've", "o'clock", "shan't", "she'd've", "she's",
-    "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've",
-    "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
-    "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've",
-    "there're", "there's", "they'd", "they'd've", "they'll", "they're", "they've",
-    "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're", "what's",
-    "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll",
-    "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't",
-    "wouldn't've", "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll",
-    "you're", "you've")
-
-
-def _contraction_map() -> dict[str, str]:
-  """{spelling with some apostrophes missing: full contraction}."""
-  out = {}
-  for word in _CONTRACTIONS:
-    parts = word.split("'")
-    for kept in itertools.product((True, False), repeat=len(parts) - 1):
-      if all(kept):
-        continue
-      spelled = parts[0] + "".join(("'" if k else "") + p for k, p in zip(kept, parts[1:]))
-      out[spelled] = word
-  return out
-
-
-_CONTRACTION_MAP = _contraction_map()
-
-
-def _strip_punctuation(text: str) -> str:
-  """EvalAI punctuation rule: a mark is deleted when the text shows it used as punctuation
-  (next to a space) or holds a thousands comma ("100,978"); otherwise it becomes a space
-  ("t-shirt" -> "t shirt"). The rule looks at the whole answer, as the official one does."""
-  original = text   # the tests look at the answer as given, not at earlier replacements
-  delete = _DIGIT_COMMA.search(original) is not None
-  for p in _PUNCTUATION:
-    if p not in text:
-      continue
-    if delete or f"{p} " in original or f" {p}" in original:
-      text = text.replace(p, "")
-    else:
-      text = text.replace(p, " ")
-  return _PERIOD.sub("", text)
-
-
-def normalize_answer(answer: str) -> str:
-  """EvalAI normalization: lower-case, punctuation, number words -> digits, no articles,
-  restored contractions, single spaces. E.g. "The Two Dogs." -> "2 dogs"."""
-  text = " ".join(answer.lower().split())
-  text = _strip_punctuation(text)
-  words = []
-  for w in text.split():
-    w = _NUMBERS.get(w, w)
-    if w in _ARTICLES:
-      continue
-    words.append(_CONTRACTION_MAP.get(w, w))
-  return " ".join(words)
-
-
-def vqa_soft_accuracy(pred: str, answers: Sequence[str]) -> float:
-  """min(#other humans agreeing / 3, 1) averaged over the leave-one-out subsets.
-
-  With the usual 10 answers: mean over the 10 subsets of 9 answers. Both the prediction and
-  the human answers are normalized.
-  """
-  if not answers:
-    raise ValueError("vqa_soft_accuracy needs at least one human answer; got none.")
-  pred = normalize_answer(pred)
-  gold = [normalize_answer(a) for a in answers]
-  hits = sum(g == pred for g in gold)
-  # Leaving out a matching answer removes one agreeing human; leaving out another does not.
-  return _mean([min((hits - (g == pred)) / 3.0, 1.0) for g in gold])
-
-
-def exact_match(pred: str, answer: str) -> float:
-  """GQA-style: equal after lower-casing, trimming and dropping a final period."""
-  def clean(s: str) -> str:
-    return " ".join(s.lower().split()).rstrip(".").strip()
-  return float(clean(pred) == clean(answer))
-
-
 def vqa_prompt(question: str) -> str:
-  """The question with the short-answer instruction of SPEC §9."""
+  """The question with the short-answer instruction of docs/METHOD.md §9."""
   return question + VQA_SUFFIX
 
 
-def evaluate_vqa(items: Sequence[Item], generate: Generate,
-                 metric: str | None = None) -> dict[str, Any]:
+def evaluate_vqa(items: Sequence[Item], generate: Generate, metric: str | None = None,
+                 rule: str | None = None) -> dict[str, Any]:
   """Accuracy of greedy replies on VQA items.
 
   items: [{"id", "image", "prompt", and "answers" (list of human answers) or "answer"}].
-  metric: "soft" (VQAv2 / VizWiz / TextVQA: `vqa_soft_accuracy` over "answers") or
-  "exact" (GQA / synthetic: `exact_match` with "answer"); None picks "soft" when every
-  item has "answers", else "exact".
-  Returns {"accuracy", "metric", "by_category" (if items have "category"), "records",
-  "sources"}.
+  metric: "soft" (VQAv2 / VizWiz / TextVQA: `vqa_answers.vqa_soft_accuracy` over
+  "answers") or "exact" (GQA / synthetic: `vqa_answers.exact_match` with "answer"); None
+  picks "soft" when every item has "answers", else "exact".
+  rule: the metric's rule (None: its reference, "m4c" or "gqa"); see
+  `vqa_answers.SOFT_RULES` and `vqa_answers.EXACT_RULES`.
+  Returns {"accuracy", "metric", "rule", "protocol", "by_category" (if items have
+  "category"), "records", "sources"}.
   """
   items = list(items)
   if metric is None:
     metric = "soft" if items and all("answers" in it for it in items) else "exact"
   if metric not in ("soft", "exact"):
     raise ValueError(f"metric={metric!r}; use 'soft' or 'exact'.")
+  rules = vqa_answers.SOFT_RULES if metric == "soft" else vqa_answers.EXACT_RULES
+  rule = rules[0] if rule is None else rule
+  check_rule(rule, rules, f"metric={metric!r}")
   key = "answers" if metric == "soft" else "answer"
   missing = [it.get("id") for it in items if key not in it]
   if missing:
@@ -298,11 +227,12 @@ def evaluate_vqa(items: Sequence[Item], generate: Generate,
   replies = _call(generate, items, "generate")
   records = []
   for it, reply in zip(items, replies):
-    acc = (vqa_soft_accuracy(reply, it["answers"]) if metric == "soft"
-           else exact_match(reply, it["answer"]))
+    acc = (vqa_answers.vqa_soft_accuracy(reply, it["answers"], rule) if metric == "soft"
+           else vqa_answers.exact_match(reply, it["answer"], rule))
     records.append({"id": it.get("id"), "category": it.get("category"), "reply": reply,
                     "accuracy": acc})
-  out = {"accuracy": _mean([r["accuracy"] for r in records]), "metric": metric}
+  out = {"accuracy": _mean([r["accuracy"] for r in records]), "metric": metric,
+         "rule": rule, "protocol": f"vqa_{metric}/{rule}"}
   categories = sorted({r["category"] for r in records if r["category"] is not None})
   if categories:
     out["by_category"] = {c: _mean([r["accuracy"] for r in records if r["category"] == c])
@@ -310,22 +240,57 @@ def evaluate_vqa(items: Sequence[Item], generate: Generate,
   return {**out, "records": records, "sources": _sources(items)}
 
 
+def textvqa_reference_answers(items: Sequence[Item]) -> list[Item]:
+  """The human answers LLaVA's eval_textvqa scores each item against.
+
+  It looks annotations up by (image, lower-cased question), so when two questions of one
+  image read the same the last one's answers serve both. items need "image", "question"
+  and "answers"; the result is the items with "answers" replaced accordingly.
+  """
+  items = list(items)
+  bad = [it.get("id") for it in items if not {"image", "question", "answers"} <= set(it)]
+  if bad:
+    raise ValueError(f"TextVQA items need 'image', 'question' and 'answers'; ids {bad[:5]} "
+                     "lack one (use cdx.eval.benchmarks.read_textvqa with the val json).")
+  last = {(it["image"], it["question"].lower()): it["answers"] for it in items}
+  return [{**it, "answers": last[(it["image"], it["question"].lower())]} for it in items]
+
+
+def evaluate_textvqa(items: Sequence[Item], generate: Generate,
+                     rule: str = "m4c") -> dict[str, Any]:
+  """TextVQA as LLaVA's eval_textvqa: `textvqa_reference_answers`, then soft accuracy
+  with `rule` ("m4c", the reference). Same result keys as `evaluate_vqa`."""
+  out = evaluate_vqa(textvqa_reference_answers(items), generate, "soft", rule)
+  return {**out, "protocol": f"textvqa/{rule}"}
+
+
 # ---------------------------------------------------------------------------------------
 # POPE
 # ---------------------------------------------------------------------------------------
 
+POPE_RULES = ("llava", "cdx")
 _WORD = re.compile(r"[a-z']+")
 
 
-def pope_parse(reply: str) -> str:
-  """"no" when the first sentence holds the word "no" or "not", else "yes"."""
-  first = reply.split(".")[0].lower()
-  words = set(_WORD.findall(first))
-  return "no" if words & {"no", "not"} else "yes"
+def pope_parse(reply: str, rule: str = "llava") -> str:
+  """"yes" or "no" for one reply.
+
+  "llava" (LLaVA's eval_pope, the default): the stripped reply up to its first ".",
+  commas deleted, split on single spaces; "no" iff a piece is exactly "No", "no" or
+  "not" ("NO", "Not sure", "no!" and "No\\nthere" all count as yes).
+  "cdx": the first sentence lower-cased, words as letter runs; "no" iff "no" or "not".
+  """
+  check_rule(rule, POPE_RULES, "pope_parse")
+  first = reply.strip().split(".")[0]
+  if rule == "llava":
+    words = first.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+  return "no" if {"no", "not"} & set(_WORD.findall(first.lower())) else "yes"
 
 
 def pope_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-  """Binary metrics with "yes" as the positive class."""
+  """Binary metrics with "yes" as the positive class, as eval_pope computes them (where
+  it would divide by zero, e.g. precision with no "yes" reply, this returns 0.0)."""
   if len(preds) != len(labels):
     raise ValueError(f"{len(preds)} predictions for {len(labels)} labels.")
   bad = sorted({x for x in list(preds) + list(labels) if x not in ("yes", "no")})
@@ -345,11 +310,13 @@ def pope_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict[str, float
           "count": n}
 
 
-def evaluate_pope(items: Sequence[Item], generate: Generate) -> dict[str, Any]:
+def evaluate_pope(items: Sequence[Item], generate: Generate,
+                  rule: str = "llava") -> dict[str, Any]:
   """Per-split POPE metrics. items: [{"id", "image", "prompt", "answer", "split"}]."""
+  check_rule(rule, POPE_RULES, "evaluate_pope")
   items = list(items)
   replies = _call(generate, items, "generate")
-  preds = [pope_parse(r) for r in replies]
+  preds = [pope_parse(r, rule) for r in replies]
   labels = [str(it["answer"]).strip().lower() for it in items]
   splits = sorted({it.get("split", "all") for it in items})
   per_split = {}
@@ -358,7 +325,8 @@ def evaluate_pope(items: Sequence[Item], generate: Generate) -> dict[str, Any]:
     per_split[s] = pope_metrics([preds[n] for n in idx], [labels[n] for n in idx])
   records = [{"id": it.get("id"), "split": it.get("split", "all"), "reply": r, "pred": p,
               "answer": g} for it, r, p, g in zip(items, replies, preds, labels)]
-  return {"splits": per_split, "records": records, "sources": _sources(items)}
+  return {"splits": per_split, "rule": rule, "protocol": f"pope/{rule}",
+          "records": records, "sources": _sources(items)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,13 +337,21 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
                   "scene", "landmark", "artwork", "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
                  "code_reasoning")
+MME_RULES = ("official", "cdx")
 
 
-def mme_parse(reply: str) -> str:
-  """"yes"/"no" if the reply (periods dropped) is exactly that, else whichever of them
-  occurs in its first four characters (the MME tool's rule: "Not sure" -> no), else
-  "other" (always wrong)."""
-  text = reply.lower().strip().replace(".", "")
+def mme_parse(reply: str, rule: str = "official") -> str:
+  """"yes", "no" or "other" (always wrong) for one reply.
+
+  "official" (MME's calculation.py, the default): the stripped, lower-cased reply if it is
+  exactly "yes" or "no"; else "yes" if its first four characters hold "yes", else "no" if
+  they hold "no" ("Not sure" -> no, "Know" -> no, "None" -> no), else "other".
+  "cdx": the same after deleting periods ("y.e.s" -> yes).
+  """
+  check_rule(rule, MME_RULES, "mme_parse")
+  text = reply.strip().lower()
+  if rule == "cdx":
+    text = text.replace(".", "")
   if text in ("yes", "no"):
     return text
   head = text[:4]
@@ -386,39 +362,68 @@ def mme_parse(reply: str) -> str:
   return "other"
 
 
-def mme_scores(records: Sequence[Item]) -> dict[str, Any]:
-  """MME totals from records {"subtask", "image", "pred", "answer"} (pred/answer yes/no).
+def _mme_images(records: Sequence[Item], rule: str) -> list[list[bool]]:
+  """Per image, whether each of its questions was answered right.
+
+  "official": consecutive records pair up (calculation.py reads each subtask file two
+  lines at a time), so the two questions of an image must be adjacent; "cdx": grouped by
+  the "image" field, any number of questions.
+  """
+  right = [r["pred"] == str(r["answer"]).strip().lower() for r in records]
+  if rule == "cdx":
+    by_image: dict[str, list[bool]] = {}
+    for r, ok in zip(records, right):
+      by_image.setdefault(r["image"], []).append(ok)
+    return list(by_image.values())
+  if len(records) % 2:
+    raise ValueError(f"MME subtask {records[0]['subtask']!r} has {len(records)} questions; "
+                     "the official scorer pairs them two by two (2 per image).")
+  for a, b in zip(records[::2], records[1::2]):
+    if a["image"] != b["image"]:
+      raise ValueError(f"MME questions pair up in order, but {a['image']!r} is followed by "
+                       f"{b['image']!r}; list both questions of an image together.")
+  return [right[k:k + 2] for k in range(0, len(right), 2)]
+
+
+def mme_scores(records: Sequence[Item], rule: str = "official") -> dict[str, Any]:
+  """MME totals from records {"subtask", "image", "pred", "answer"} (pred yes/no/other).
 
   Per subtask: acc = right questions / questions, acc_plus = images with every question
   right / images, score = 100 * (acc + acc_plus), out of 200. Totals sum the subtasks of
-  each family that are present.
+  each family that are present (the official script needs all 14).
   """
+  check_rule(rule, MME_RULES, "mme_scores")
   known = set(MME_PERCEPTION) | set(MME_COGNITION)
-  subtasks: dict[str, dict[str, list[bool]]] = {}
+  by_task: dict[str, list[Item]] = {}
   for r in records:
     if r["subtask"] not in known:
       raise ValueError(f"unknown MME subtask {r['subtask']!r}; expected one of "
                        f"{sorted(known)}.")
-    right = r["pred"] == str(r["answer"]).strip().lower()
-    subtasks.setdefault(r["subtask"], {}).setdefault(r["image"], []).append(right)
+    by_task.setdefault(r["subtask"], []).append(r)
   per_task = {}
-  for name, images in subtasks.items():
-    acc = _mean([x for answers in images.values() for x in answers])
-    acc_plus = _mean([all(answers) for answers in images.values()])
-    per_task[name] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+  for name, task_records in by_task.items():
+    images = _mme_images(task_records, rule)
+    acc = _mean([x for answers in images for x in answers])
+    acc_plus = _mean([all(answers) for answers in images])
+    # Summed as calculation.py sums them, so the float is the same.
+    per_task[name] = {"acc": acc, "acc_plus": acc_plus, "score": acc * 100 + acc_plus * 100}
   return {
       "subtasks": per_task,
       "perception": sum(per_task[t]["score"] for t in MME_PERCEPTION if t in per_task),
       "cognition": sum(per_task[t]["score"] for t in MME_COGNITION if t in per_task),
       "missing_subtasks": [t for t in MME_PERCEPTION + MME_COGNITION if t not in per_task],
+      "rule": rule, "protocol": f"mme/{rule}",
   }
 
 
-def evaluate_mme(items: Sequence[Item], generate: Generate) -> dict[str, Any]:
-  """MME from items {"id", "image", "prompt", "answer", "subtask"}."""
+def evaluate_mme(items: Sequence[Item], generate: Generate,
+                 rule: str = "official") -> dict[str, Any]:
+  """MME from items {"id", "image", "prompt", "answer", "subtask"}, in the official files'
+  order (both questions of an image adjacent)."""
+  check_rule(rule, MME_RULES, "evaluate_mme")
   items = list(items)
   replies = _call(generate, items, "generate")
   records = [{"id": it.get("id"), "subtask": it["subtask"], "image": it["image"],
-              "reply": r, "pred": mme_parse(r), "answer": it["answer"]}
+              "reply": r, "pred": mme_parse(r, rule), "answer": it["answer"]}
              for it, r in zip(items, replies)]
-  return {**mme_scores(records), "records": records, "sources": _sources(items)}
+  return {**mme_scores(records, rule), "records": records, "sources": _sources(items)}
