@@ -1,22 +1,18 @@
-"""Pieces shared by every stage config: model presets, data, optimizer, mesh, logging.
+"""Blocks shared by the stage recipes: presets, models, data, optimizer, mesh, logging.
 
-Stages and the graph between them (SPEC §7). `<dir>` names the folder under --workdir:
-
-  pretrain  (teacher)  adapter          LM            ─┐
-  finetune  (teacher)  LoRA + adapter   LM             ├─► dpt ─► dft ─► sft
-  pretrain_student     adapter          LM            ─┘   (student LLM weights for DPT)
-  finetune_student     LoRA + adapter   LM   (the "SFT 2B" baseline)
-  dpt                  post-connector   LM + KD              (TAF: teacher adapter, frozen)
-  dft                  LoRA + post      LM + KD + attention
-  sft                  LoRA + post      LM                   (after merging DFT's LoRA)
+A recipe (`configs/<stage>.py`) states what makes its stage: which model trains and which
+teaches, its upstream stages, the trainable patterns and LoRA, the loss weights, the data
+kind and lr / batch / steps per preset. `stage()` adds the blocks every stage shares and
+returns the full config. configs/registry.py lists the stages and their graph.
 
 Presets:
   tiny   synthetic world, tiny SigLIP/Qwen-shaped models, minutes on a laptop CPU. The tiny
          LLMs start from random weights, so their "pretrain" also trains the LLM and the
          finetune / DFT / SFT stages train the whole LLM instead of a LoRA (there is no
          pretrained base to adapt); every other rule is the paper's.
-  paper  SigLIP so400m-patch14-384, Qwen1.5-1.8B student, Qwen1.5-4B teacher, SPEC §7
-         hyperparameters. Weights and data come from local paths given as overrides.
+  paper  SigLIP so400m-patch14-384, Qwen1.5-1.8B student, Qwen1.5-4B teacher, the paper's
+         hyperparameters (docs/METHOD.md §7). Weights and data come from local paths given
+         as overrides.
 """
 from __future__ import annotations
 
@@ -24,7 +20,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from cdx.config import parse_arg
-from cdx.train import params as params_lib  # Trainable patterns per stage (SPEC §7).
 
 PRESETS = ("tiny", "paper")
 
@@ -46,26 +41,27 @@ PAPER_VISION = "so400m-patch14-384"
 PAPER_TEACHER = "qwen1.5-4b"
 PAPER_STUDENT = "qwen1.5-1.8b"
 
-
-# SPEC §7: (lr, global batch, max length) per stage in the paper.
-PAPER_STAGE = {
-    "pretrain": (1e-3, 256, 2048),
-    "finetune": (2e-4, 128, 2048),
-    "dpt": (2e-4, 256, 1536),
-    "dft": (2e-4, 128, 1536),
-    "sft": (2e-4, 192, 1536),
-}
-TINY_STAGE = {  # (lr, global batch, steps)
-    "pretrain": (3e-3, 16, 120),
-    "finetune": (1e-3, 16, 120),
-    "dpt": (2e-3, 16, 40),
-    "dft": (1e-3, 16, 250),
-    "sft": (1e-3, 16, 100),
-}
+# LoRA targets of the paper: every 2-D linear kernel of the LLM except the output head. The
+# embedding table is named `embedding`, not `kernel`, so it never matches. Rule syntax: an
+# ordered list of full-match regexes, `(regex, False)` excludes (cdx/train/params.py).
+LLM_LINEARS = (("llm/lm_head/.*", False), r"llm/.*/kernel")
 
 
-def model_spec(preset: str, which: str) -> ml_collections.ConfigDict:
-  """One MLLM: vision tower, adapter, LLM; where its weights come from."""
+def parse(arg: str | None, roles: tuple[str, ...] = ("teacher",)) -> tuple[str, str]:
+  """`PRESET[,role=ROLE]` -> (preset, role); `roles` are those the stage accepts."""
+  preset, options = parse_arg(arg, PRESETS)
+  role = options.pop("role", "teacher")
+  if options:
+    raise ValueError(f"Unknown config arguments {sorted(options)}; only role= is accepted.")
+  if role not in roles:
+    if len(roles) == 1:
+      raise ValueError(f"role={role} only applies to pretrain.py and finetune.py.")
+    raise ValueError(f"role must be {' or '.join(map(repr, roles))}, got {role!r}.")
+  return preset, role
+
+
+def model(preset: str, which: str) -> ml_collections.ConfigDict:
+  """One MLLM (`which` = teacher | student): vision tower, adapter, LLM; its weights."""
   tiny = preset == "tiny"
   text = {"teacher": TINY_TEACHER, "student": TINY_STUDENT}[which] if tiny else (
       {"teacher": PAPER_TEACHER, "student": PAPER_STUDENT}[which])
@@ -81,83 +77,54 @@ def model_spec(preset: str, which: str) -> ml_collections.ConfigDict:
   ))
 
 
-def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections.ConfigDict:
-  """The full config of one stage. `role` is which model trains in pretrain/finetune."""
-  if role not in ("teacher", "student"):
-    raise ValueError(f"role must be 'teacher' or 'student', got {role!r}.")
-  tiny = preset == "tiny"
-  c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.preset = preset
-  c.role = role
-  c.name = stage if role == "teacher" or stage in ("dpt", "dft", "sft") else f"{stage}_student"
-  c.seed = 42
-  c.config_file = ""
-
-  # Which model trains, which (if any) teaches, and where their weights come from.
-  distill = stage in ("dpt", "dft")
-  c.model = model_spec(preset, "student" if stage in ("dpt", "dft", "sft") else role)
-  c.teacher = model_spec(preset, "teacher")
-  c.use_teacher = distill
-  c.taf = stage in ("dpt", "dft", "sft")  # TAF students keep the teacher adapter + post.
-  # Upstream stages (folder names under --workdir) whose outputs this stage reads.
-  # DPT starts from the base student LLM (frozen in pretrain, so the paper needs no student
-  # pretrain for it); the tiny LLMs have no base, so there DPT reads pretrain_student.
-  c.inputs = ml_collections.ConfigDict(dict(
-      init={"pretrain": "", "finetune": c.name.replace("finetune", "pretrain"),
-            "dpt": "pretrain_student" if tiny else "", "dft": "dpt", "sft": "dft"}[stage],
-      teacher="finetune" if distill else "",
-  ))
-  c.build_missing = tiny  # Tiny runs build their upstream stages themselves.
-
-  # Optimization (SPEC §7).
-  lr, batch, max_len = PAPER_STAGE[stage]
-  steps = -1  # -1: one epoch over the training data.
-  if tiny:
-    lr, batch, steps = TINY_STAGE[stage]
-    max_len = 192
-  c.total_steps = steps
-  c.epochs = 1.0
-  c.batch_size = batch        # Global, in samples, per optimizer step.
-  c.micro_batches = 1         # Gradient accumulation: batch_size / micro_batches per pass.
-  c.max_length = max_len
-  rules = params_lib.stage_rules(stage)
-  c.trainable = rules["trainable"]
-  if tiny and stage == "pretrain":
-    c.trainable = ("adapter/.*", "llm/.*")  # No pretrained LLM to keep frozen (see above).
-  c.optim = ml_collections.ConfigDict(dict(
+def optim(lr: float) -> ml_collections.ConfigDict:
+  """AdamW with warmup + cosine decay and non-finite step skipping (docs/METHOD.md §7)."""
+  return ml_collections.ConfigDict(dict(
       lr=lr, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, skip_nonfinite=True,
       max_nonfinite=100,  # Halt after this many skipped (non-finite) steps in a row.
   ))
-  c.lora = ml_collections.ConfigDict(dict(
-      enabled=bool(rules["lora_targets"]), rank=32 if tiny else 128,
-      alpha=64.0 if tiny else 256.0,
-      targets=params_lib.DEFAULT_LORA_TARGETS,  # Every linear of the LLM but lm_head.
-      # True: the whole LLM trains, no LoRA (tiny: there is no pretrained base to adapt).
-      full_finetune=tiny and stage in ("finetune", "dft", "sft"),
+
+
+def lora(preset: str, targets: tuple, full_finetune: bool) -> ml_collections.ConfigDict:
+  """LoRA on `targets` (none: disabled); `full_finetune` trains the whole LLM instead."""
+  tiny = preset == "tiny"
+  return ml_collections.ConfigDict(dict(
+      enabled=bool(targets), rank=32 if tiny else 128, alpha=64.0 if tiny else 256.0,
+      # Kept when disabled, so that --config.lora.enabled=True alone turns LoRA on.
+      targets=targets or LLM_LINEARS,
+      full_finetune=full_finetune,
   ))
 
-  # Objective (SPEC §5). Weights are 0 where a stage does not use a term.
-  c.loss = ml_collections.ConfigDict(dict(
-      lm=1.0, kd=1.0 if distill else 0.0, attn=1.0 if stage == "dft" else 0.0,
+
+def loss(preset: str, lm: float, kd: float, attn: float) -> ml_collections.ConfigDict:
+  """The objective (docs/METHOD.md §5): weights of the three terms, 0 where unused."""
+  return ml_collections.ConfigDict(dict(
+      lm=lm, kd=kd, attn=attn,
       kd_kind="forward", kd_temperature=1.0, kd_beta=0.5, kd_mask="shifted",
-      attn_variant="official", chunk_size=128 if tiny else 256,
+      attn_variant="official", chunk_size=128 if preset == "tiny" else 256,
   ))
-  c.layers = ml_collections.ConfigDict(dict(
-      strategy="group",  # group (official, SPEC §6) | simple | adaptive
+
+
+def layers() -> ml_collections.ConfigDict:
+  """Student layers aligned with teacher layer groups (docs/METHOD.md §6)."""
+  return ml_collections.ConfigDict(dict(
+      strategy="group",  # group (official) | simple | adaptive
       # Explicit lists override the strategy, e.g. student_layers=(8,9),
       # teacher_groups=((13,14),(15,16)).
       student_layers=(), teacher_groups=(),
   ))
 
-  # Data (SPEC §3–4).
-  c.data = ml_collections.ConfigDict(dict(
+
+def data(preset: str, kind: str) -> ml_collections.ConfigDict:
+  """Training data (docs/METHOD.md §3–4): `kind` = pretrain (captions) | instruct."""
+  tiny = preset == "tiny"
+  c = ml_collections.ConfigDict(dict(
       train=config_dict.placeholder(str),  # LLaVA json/jsonl; several: "a.json:2,b.json:1"
       image_root=config_dict.placeholder(str),
       tokenizer=config_dict.placeholder(str),
-      # Caption data (pretrain, DPT) uses the `pretrain` template; instructions qwen2_base.
-      template="pretrain" if stage in ("pretrain", "dpt") else "qwen2_base",
+      # Caption data uses the `pretrain` template; instructions qwen2_base.
+      template={"pretrain": "pretrain", "instruct": "qwen2_base"}[kind],
       image_mode="square",
       worker_count=0 if tiny else 8,
       strict=False,
@@ -166,35 +133,76 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       synthetic_train=4000,
   ))
   if tiny:
-    c.data.train = "pretrain.json" if stage in ("pretrain", "dpt") else "instruct.json"
+    c.train = f"{kind}.json"
+  return c
+
+
+def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
+          teacher: str = "", taf: bool = False, init: str = "", paper: dict, tiny: dict,
+          trainable: tuple, lora_targets: tuple = (), full_finetune: bool = False,
+          loss_weights: dict, data_kind: str) -> ml_collections.ConfigDict:
+  """The full config of one stage from its recipe.
+
+  Args:
+    name: the stage (recipe) name; its folder is `name`, or `<name>_student` for the
+      student's role in a teacher stage.
+    model_of: which model trains (teacher | student).
+    teacher: folder of the teacher stage distilled from ("" = no teacher).
+    taf: the student keeps the teacher's adapter and learns a post-connector.
+    init: folder of the stage whose output this one starts from ("" = base weights).
+    paper, tiny: per preset `lr`, `batch_size` (global samples per step) and either
+      `max_length` (paper; one epoch) or `total_steps` (tiny; 192 tokens).
+    trainable: base-param patterns that train; LoRA factors always do.
+    lora_targets: LoRA on these params (() = no LoRA); full_finetune: the whole LLM instead.
+    loss_weights: lm, kd, attn.
+    data_kind: pretrain (captions) | instruct.
+  """
+  is_tiny = preset == "tiny"
+  hp = dict(total_steps=-1, max_length=192) | (tiny if is_tiny else paper)
+  c = ml_collections.ConfigDict()
+  c.stage = name
+  c.preset = preset
+  c.role = role
+  c.name = name if role == "teacher" else f"{name}_student"
+  c.seed = 42
+  c.config_file = ""
+
+  # Which model trains, which (if any) teaches, and the upstream stages read.
+  c.model = model(preset, model_of)
+  c.teacher = model(preset, "teacher")
+  c.use_teacher = bool(teacher)
+  c.taf = taf
+  c.inputs = ml_collections.ConfigDict(dict(init=init, teacher=teacher))
+  c.build_missing = is_tiny  # Tiny runs build their upstream stages themselves.
+
+  # Optimization.
+  c.total_steps = hp["total_steps"]  # -1: one epoch over the training data.
+  c.epochs = 1.0
+  c.batch_size = hp["batch_size"]  # Global, in samples, per optimizer step.
+  c.micro_batches = 1  # Gradient accumulation: batch_size / micro_batches per pass.
+  c.max_length = hp["max_length"]
+  c.trainable = tuple(trainable)
+  c.optim = optim(hp["lr"])
+  c.lora = lora(preset, tuple(lora_targets), full_finetune)
+  c.loss = loss(preset, **loss_weights)
+  c.layers = layers()
+  c.data = data(preset, data_kind)
 
   # Hardware.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.param_dtype = "float32"
-  c.compute_dtype = "float32" if tiny else "bfloat16"
+  c.compute_dtype = "float32" if is_tiny else "bfloat16"
   # Decoder-layer rematerialization: "none" or a jax.checkpoint_policies name
   # ("nothing_saveable" recomputes the whole layer in the backward pass).
-  c.remat = "none" if tiny else "nothing_saveable"
+  c.remat = "none" if is_tiny else "nothing_saveable"
   # Decoder layers stacked and run by lax.scan (one compiled layer; see docs/PERFORMANCE.md).
   # Files (final/, hf/) are always unstacked, so stages may differ here.
-  c.scan_layers = not tiny
+  c.scan_layers = not is_tiny
 
   # Outputs.
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if tiny else 500, keep=2,
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if is_tiny else 500, keep=2,
                                                 async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=1 if tiny else 10, progress=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=1 if is_tiny else 10, progress=True))
   c.export_hf = True
   c.halt_on_nonfinite = False
-
   return c
-
-
-def from_arg(stage: str, arg: str | None) -> ml_collections.ConfigDict:
-  """`configs/<stage>.py:ARG` -> config; ARG = PRESET[,role=student]."""
-  preset, options = parse_arg(arg, PRESETS)
-  role = options.pop("role", "teacher")
-  if options:
-    raise ValueError(f"Unknown config arguments {sorted(options)}; only role= is accepted.")
-  if role != "teacher" and stage not in ("pretrain", "finetune"):
-    raise ValueError(f"role={role} only applies to pretrain.py and finetune.py.")
-  return get_config(stage, preset, role)

@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import dft  # noqa: E402
 from cdx.data import tokenizer as tokenizer_lib  # noqa: E402
 from cdx.distill import layers as layers_lib  # noqa: E402
 from cdx.distill import losses  # noqa: E402
@@ -101,7 +101,7 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
   """
   if preset not in DEFAULTS:
     raise ValueError(f"--preset={preset!r}; use one of {sorted(DEFAULTS)}.")
-  cfg = common.get_config("dft", "paper" if preset == "paper" else "tiny")
+  cfg = dft.get_config("paper" if preset == "paper" else "tiny")
   if preset == "mid":
     models = models or (MID_VISION, MID_STUDENT, MID_TEACHER)
   if models is not None:

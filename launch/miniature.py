@@ -11,6 +11,10 @@ On the tiny preset (synthetic world, CPU), every arm shares the teacher chain
   no_vat         dpt -> dft_novat -> sft_novat      DFT without the attention term
   teacher        (the finetuned teacher itself)
 
+An arm is the stage folder of its final model (`ARMS`); a new arm that varies a stage is a
+variant recipe in configs/ (e.g. configs/dft_novat.py) plus its rows in configs/registry.py
+and `ARMS`.
+
 Each arm's final model is scored by `cdx.eval.run` on the synthetic SugarCrepe-style,
 VQA and Winoground-style sets, seen and held-out combinations. The table goes to stdout and
 DIR/miniature.json. `--steps` shortens every stage (a smoke run); results from such a run
@@ -25,25 +29,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import registry  # noqa: E402
 from launch import run  # noqa: E402
 
-# arm -> (final stage folder, [(config, extra overrides)] run in order).
+# arm -> the stage folder holding its final model. Each is built with its upstream stages
+# (configs/registry.py says which config builds which folder); shared ones are built once.
 ARMS = {
-    "teacher": ("finetune", [("configs/finetune.py", [])]),
-    "baseline": ("finetune_student", [("configs/finetune.py:tiny,role=student", [])]),
-    "compodistill": ("sft", [("configs/sft.py", [])]),
-    "no_vat": ("sft_novat", [
-        ("configs/dft.py", ["--config.name=dft_novat", "--config.loss.attn=0.0"]),
-        ("configs/sft.py", ["--config.name=sft_novat", "--config.inputs.init=dft_novat"]),
-    ]),
+    "teacher": "finetune",
+    "baseline": "finetune_student",
+    "compodistill": "sft",
+    "no_vat": "sft_novat",
 }
 
 
 def train_arm(arm: str, workdir: str, common: list[str]) -> str:
-  final, stages = ARMS[arm]
-  for config, extra in stages:
-    if run.main([f"--config={config}", f"--workdir={workdir}", *common, *extra]) != 0:
-      raise SystemExit(f"arm {arm}: {config} failed")
+  final = ARMS[arm]
+  config = registry.config_spec(final, "tiny")  # Tiny runs build their missing upstream.
+  if run.main([f"--config={config}", f"--workdir={workdir}", *common]) != 0:
+    raise SystemExit(f"arm {arm}: {config} failed")
   return os.path.join(workdir, final)
 
 

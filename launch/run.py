@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cdx import config as config_lib  # noqa: E402
+from configs import registry  # noqa: E402
 
 
 def parse(argv):
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
       config_dir = os.path.dirname(args.config.partition(":")[0]) or "."
       load_upstream = lambda spec: config_lib.load(
           os.path.join(config_dir, os.path.basename(spec)), upstream)
-      todo = stages.plan(cfg, args.workdir, load_upstream, args.build_missing)
+      todo = stages.plan(cfg, args.workdir, load_upstream, registry.config_spec,
+                         args.build_missing)
     except (ValueError, FileNotFoundError) as e:
       raise loop.UserError(str(e)) from None
     if args.dry_run:

@@ -10,6 +10,8 @@ import re
 import pytest
 
 from cdx import config as config_lib
+from configs import registry
+from launch import miniature
 from launch import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,39 @@ def test_every_stage_config_loads_locked(stem, extra, preset):
   assert cfg.name.endswith("_student") == (extra == ",role=student")
   with pytest.raises(AttributeError):
     cfg.new_field = 1  # Locked: a typo cannot add a field.
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+@pytest.mark.parametrize("folder", sorted(registry.STAGES))
+def test_registry_builds_each_folder_from_registered_inputs(folder, preset):
+  cfg = config_lib.load(registry.config_spec(folder, preset, CONFIGS))
+  assert cfg.name == folder and cfg.preset == preset  # Plans and DONE files agree.
+  for up in (cfg.inputs.init, cfg.inputs.teacher):
+    assert not up or up in registry.STAGES, (folder, up)
+
+
+def test_registry_spec_and_unknown_folder():
+  assert registry.config_spec("finetune_student", "paper") == \
+      "configs/finetune.py:paper,role=student"
+  assert registry.config_spec("dft", "tiny", "/x/configs") == "/x/configs/dft.py:tiny"
+  with pytest.raises(ValueError, match="'dtf'.*configs/registry.py"):
+    registry.config_spec("dtf", "tiny")
+
+
+def test_miniature_arms_are_registered_stages():
+  assert set(miniature.ARMS.values()) <= set(registry.STAGES)
+  novat = config_lib.load(registry.config_spec(miniature.ARMS["no_vat"], "tiny", CONFIGS))
+  up = config_lib.load(registry.config_spec(novat.inputs.init, "tiny", CONFIGS))
+  assert (up.name, up.loss.attn, up.loss.kd) == ("dft_novat", 0.0, 1.0)
+
+
+def test_role_only_where_a_stage_has_a_student_variant():
+  with pytest.raises(ValueError, match="role=student only applies"):
+    config_lib.load(_spec("dft", "tiny", ",role=student"))
+  with pytest.raises(ValueError, match="role must be 'teacher' or 'student'"):
+    config_lib.load(_spec("pretrain", "tiny", ",role=teach"))
+  with pytest.raises(ValueError, match="Unknown config arguments"):
+    config_lib.load(_spec("pretrain", "tiny", ",rank=3"))
 
 
 @pytest.mark.parametrize("override,near", [

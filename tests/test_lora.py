@@ -9,6 +9,7 @@ import pytest
 from cdx.models import mllm
 from cdx.train import lora as L
 from cdx.train import params as P
+from configs.common import LLM_LINEARS
 
 RANK, ALPHA = 4, 8.0
 
@@ -49,7 +50,7 @@ def randomize_b(lora, key):
 
 def test_default_targets_and_init():
   params = toy_params(jax.random.key(0))
-  lora = L.init_lora(params, P.DEFAULT_LORA_TARGETS, RANK, ALPHA, jax.random.key(1))
+  lora = L.init_lora(params, LLM_LINEARS, RANK, ALPHA, jax.random.key(1))
   paths = sorted(jax.tree_util.tree_leaves(P.tree_paths(lora)))
   assert paths == ["llm/layers_0/mlp/down/kernel/a", "llm/layers_0/mlp/down/kernel/b",
                    "llm/layers_0/mlp/up/kernel/a", "llm/layers_0/mlp/up/kernel/b"]
@@ -68,7 +69,7 @@ def test_default_targets_and_init():
 
 def test_merged_equals_unmerged_forward():
   params = toy_params(jax.random.key(0))
-  lora = L.init_lora(params, P.DEFAULT_LORA_TARGETS, RANK, ALPHA, jax.random.key(1))
+  lora = L.init_lora(params, LLM_LINEARS, RANK, ALPHA, jax.random.key(1))
   lora = randomize_b(lora, jax.random.key(2))
   x = jax.random.normal(jax.random.key(3), (3, 8))
   merged = L.merge_lora(params, lora, ALPHA, RANK)
@@ -82,7 +83,7 @@ def test_merged_equals_unmerged_forward():
 
 def test_gradient_only_into_factors_and_base_unchanged():
   params = toy_params(jax.random.key(0))
-  lora = L.init_lora(params, P.DEFAULT_LORA_TARGETS, RANK, ALPHA, jax.random.key(1))
+  lora = L.init_lora(params, LLM_LINEARS, RANK, ALPHA, jax.random.key(1))
   x = jax.random.normal(jax.random.key(3), (4, 8))
   y = jax.random.normal(jax.random.key(4), (4, 5))
   base = jax.tree_util.tree_map(np.asarray, params)
@@ -111,7 +112,7 @@ def test_gradient_only_into_factors_and_base_unchanged():
     losses.append(float(l))
   assert losses[-1] < losses[0]
   assert np.abs(lora["llm"]["layers_0"]["mlp"]["up"]["kernel"]["a"]
-                - L.init_lora(params, P.DEFAULT_LORA_TARGETS, RANK, ALPHA,
+                - L.init_lora(params, LLM_LINEARS, RANK, ALPHA,
                               jax.random.key(1))["llm"]["layers_0"]["mlp"]["up"]["kernel"]["a"]
                 ).max() > 0
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(base)):
@@ -151,7 +152,7 @@ TEXT = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_hea
             head_dim=8, mlp_dim=64, rope_theta=1e4, tie_embeddings=False)
 
 
-def tiny_mllm(targets=P.DEFAULT_LORA_TARGETS):
+def tiny_mllm(targets=LLM_LINEARS):
   cfg = mllm.make_config(VISION, TEXT, image_token_id=3, remat="nothing_saveable")
   params = mllm.init_params(cfg, jax.random.key(0))
   lora = randomize_b(L.init_lora(params, targets, RANK, ALPHA, jax.random.key(1)),

@@ -1,10 +1,15 @@
-"""Path rules: selection order, strictness, partition/merge round trip, stage table."""
+"""Path rules: selection order, strictness, partition/merge round trip, stage recipes."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdx import config as config_lib
 from cdx.train import params as P
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def llava_tree(d=4, v=6, n_layers=2):
@@ -87,14 +92,17 @@ def test_partition_merge_round_trip_and_grad_only_on_trainable():
   assert len(jax.tree_util.tree_leaves(grads)) == 2
 
 
-def test_stage_table():
+@pytest.mark.parametrize("stage,trainable,lora", [
+    ("pretrain", ["adapter/fc1/bias", "adapter/fc1/kernel", "adapter/fc2/bias",
+                  "adapter/fc2/kernel"], False),
+    ("dpt", ["post/bias", "post/kernel"], False),
+    ("dft", ["post/bias", "post/kernel"], True),
+])
+def test_stage_recipes_select_their_params(stage, trainable, lora):
+  cfg = config_lib.load(os.path.join(CONFIGS, f"{stage}.py:paper"))
   t = llava_tree()
-  assert selected(t, P.stage_rules("pretrain")["trainable"], strict=True) == [
-      "adapter/fc1/bias", "adapter/fc1/kernel", "adapter/fc2/bias", "adapter/fc2/kernel"]
-  assert selected(t, P.stage_rules("dpt")["trainable"]) == ["post/bias", "post/kernel"]
-  assert P.stage_rules("dpt")["lora_targets"] == ()
-  lora = selected(t, P.stage_rules("dft")["lora_targets"], strict=True)
-  assert len(lora) == 2 * 7  # q k v o gate up down per layer
-  assert all(p.startswith("llm/layers_") and p.endswith("/kernel") for p in lora)
-  with pytest.raises(ValueError, match="stage='dtf'"):
-    P.stage_rules("dtf")
+  assert selected(t, cfg.trainable, strict=True) == trainable
+  assert cfg.lora.enabled == lora
+  targets = selected(t, cfg.lora.targets, strict=True)
+  assert len(targets) == 2 * 7  # q k v o gate up down per layer; never lm_head
+  assert all(p.startswith("llm/layers_") and p.endswith("/kernel") for p in targets)

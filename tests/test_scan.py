@@ -32,6 +32,7 @@ from cdx.models import siglip
 from cdx.models import stack
 from cdx.train import lora as lora_lib
 from cdx.train import params as params_lib
+from configs.common import LLM_LINEARS
 from launch import bench
 
 CFG = qwen.QwenConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4,
@@ -87,7 +88,7 @@ def test_scanned_decoder_equals_unrolled(remat):
   mask = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], jnp.int32)
   visual_pos = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
   # LoRA with non-zero b, so the factored branch contributes.
-  lora = lora_lib.init_lora({"llm": p}, params_lib.DEFAULT_LORA_TARGETS, 2, 4.0, T._key(1))
+  lora = lora_lib.init_lora({"llm": p}, LLM_LINEARS, 2, 4.0, T._key(1))
   lora = jax.tree.map(lambda x: x + 0.05, lora)
   attn_layers = (3, 0, 2)  # Unsorted: inter keeps this order.
 
@@ -174,7 +175,7 @@ def test_layout_conversion_and_hf_export_of_either_layout(tmp_path):
 
 def test_lora_and_sharding_rules_on_stacked_leaves():
   p = {"llm": stack.stack_layers(_unrolled_params())}
-  lora = lora_lib.init_lora(p, params_lib.DEFAULT_LORA_TARGETS, 3, 6.0, T._key(2))
+  lora = lora_lib.init_lora(p, LLM_LINEARS, 3, 6.0, T._key(2))
   f = lora["llm"]["layers"]["mlp"]["down"]["kernel"]
   assert f["a"].shape == (4, 48, 3) and f["b"].shape == (4, 3, 32)
   assert not np.allclose(f["a"][0], f["a"][1])

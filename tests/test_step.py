@@ -31,6 +31,7 @@ from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import params as params_lib
 from cdx.train import step as step_lib
+from configs.common import LLM_LINEARS
 
 # Tiny relatives of configs/common.py TINY_*: teacher deeper/wider, MHA, untied, padded
 # vocab; student GQA with tied embeddings. 24 px / 8 px patches -> Nv = 9 - 1 = 8.
@@ -85,7 +86,7 @@ def build_setup() -> Setup:
   ids = dict(image_token_id=IMG, pad_token_id=PAD, eos_token_id=EOS)
   t_cfg = mllm.make_config(VISION, TEACHER, **ids)
   s_cfg = mllm.make_config(VISION, STUDENT, **ids)
-  rules = params_lib.stage_rules("dft")
+  rules = {"trainable": (r"post/.*",), "lora_targets": LLM_LINEARS}  # configs/dft.py
 
   @jax.jit  # One compile for all the random trees (eager ops would each compile).
   def trees():

@@ -12,9 +12,8 @@ either a bare string (selects) or a pair ``(regex, bool)``; a string that starts
 
 ``trainable`` has the same nested-dict structure as ``params`` with ``None`` in place of
 frozen leaves; ``None`` is an empty subtree to JAX, so ``jax.grad`` and optax only ever
-see (and keep state for) the trainable arrays.
-
-``STAGES`` holds the per-stage trainable patterns of SPEC §7 as data for the configs.
+see (and keep state for) the trainable arrays. Which patterns a stage trains is config
+data (configs/<stage>.py).
 """
 from __future__ import annotations
 
@@ -27,30 +26,6 @@ import jax
 
 PyTree = Any
 Rule = Union[str, tuple[str, bool]]
-
-# Every 2-D linear kernel of the LLM except the output head; the embedding table is named
-# `embedding`, not `kernel`, so it never matches (SPEC §7: "every linear layer of the LLM
-# except lm_head").
-DEFAULT_LORA_TARGETS: tuple[Rule, ...] = (("llm/lm_head/.*", False), r"llm/.*/kernel")
-
-# Trainable base-param patterns and LoRA targets per stage (SPEC §7). LoRA factors, when a
-# stage has targets, are always trainable; `trainable` names the base params that train.
-STAGES: dict[str, dict[str, tuple[Rule, ...]]] = {
-    "pretrain": {"trainable": (r"adapter/.*",), "lora_targets": ()},
-    "finetune": {"trainable": (r"adapter/.*",), "lora_targets": DEFAULT_LORA_TARGETS},
-    "finetune_full": {"trainable": (r"adapter/.*", r"llm/.*"), "lora_targets": ()},
-    "dpt": {"trainable": (r"post/.*",), "lora_targets": ()},
-    "dft": {"trainable": (r"post/.*",), "lora_targets": DEFAULT_LORA_TARGETS},
-    "sft": {"trainable": (r"post/.*",), "lora_targets": DEFAULT_LORA_TARGETS},
-}
-
-
-def stage_rules(stage: str) -> dict[str, tuple[Rule, ...]]:
-  """Returns {"trainable": rules, "lora_targets": rules} for a stage name of `STAGES`."""
-  if stage not in STAGES:
-    raise ValueError(f"stage={stage!r} is unknown; choose one of {sorted(STAGES)}.")
-  return dict(STAGES[stage])
-
 
 def _key_str(key: Any) -> str:
   for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey

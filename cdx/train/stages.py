@@ -6,6 +6,9 @@ satisfied by a finished upstream stage in the same workdir or by an explicit wei
 (`model.hf_path` / `teacher.hf_path`). Missing inputs are built first when
 `build_missing` is set (the default for `tiny`), otherwise the run stops with the exact
 command that makes them.
+
+Which config builds an upstream folder is the caller's knowledge (the launcher passes
+configs/registry.py's `config_spec`); nothing here knows the config files.
 """
 from __future__ import annotations
 
@@ -15,25 +18,6 @@ from typing import Sequence
 import ml_collections
 
 from cdx import checkpoint as ckpt_lib
-
-# Folder name -> (config file stem, role).
-STAGES = {
-    "pretrain": ("pretrain", "teacher"),
-    "finetune": ("finetune", "teacher"),
-    "pretrain_student": ("pretrain", "student"),
-    "finetune_student": ("finetune", "student"),
-    "dpt": ("dpt", "teacher"),
-    "dft": ("dft", "teacher"),
-    "sft": ("sft", "teacher"),
-}
-
-
-def config_spec(name: str, preset: str, config_dir: str = "configs") -> str:
-  """The `--config=` value that builds stage `name` with `preset`."""
-  stem, role = STAGES[name]
-  arg = preset + (",role=student" if role == "student" else "")
-  return f"{os.path.join(config_dir, stem)}.py:{arg}"
-
 
 def needed_inputs(cfg: ml_collections.ConfigDict) -> list[str]:
   """Upstream stages this config reads, minus those replaced by explicit weight paths."""
@@ -45,13 +29,14 @@ def needed_inputs(cfg: ml_collections.ConfigDict) -> list[str]:
   return needed
 
 
-def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
+def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config, config_spec,
          build_missing: bool | None = None) -> list[ml_collections.ConfigDict]:
   """Configs to run, upstream first, ending with `cfg` (finished stages are left out).
 
-  `load_config(spec) -> ConfigDict` builds an upstream stage's config (the launcher passes
-  one that applies the `--upstream.*` overrides). Raises `MissingInputError` when an input
-  is missing and may not be built.
+  `config_spec(name, preset, config_dir="configs") -> str` names the config that builds
+  stage folder `name`; `load_config(spec) -> ConfigDict` builds it (the launcher passes one
+  that applies the `--upstream.*` overrides). Raises `MissingInputError` when an input is
+  missing and may not be built.
   """
   build = cfg.build_missing if build_missing is None else build_missing
   order: list[ml_collections.ConfigDict] = []
@@ -64,7 +49,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
       if name in seen or ckpt_lib.is_done(os.path.join(workdir, name)):
         continue
       if not build:
-        raise MissingInputError(c, name, workdir)
+        raise MissingInputError(c, name, workdir, config_spec)
       up = load_config(config_spec(name, cfg.preset))
       visit(up, [*chain, name])
       seen.add(name)
@@ -79,7 +64,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str, load_config,
 class MissingInputError(RuntimeError):
   """An input stage has no finished output and the run may not build it."""
 
-  def __init__(self, cfg, name: str, workdir: str):
+  def __init__(self, cfg, name: str, workdir: str, config_spec):
     self.stage, self.missing = cfg.name, name
     # The upstream config sits beside the one the user ran (relative or absolute path).
     config_dir = os.path.dirname(cfg.get("config_file", "").partition(":")[0]) or "configs"

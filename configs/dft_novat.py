@@ -1,0 +1,12 @@
+"""DFT without the visual-attention term: the miniature's no-VAT ablation (folder `dft_novat/`).
+
+  python launch/run.py --config=configs/dft_novat.py[:PRESET] --workdir=DIR
+"""
+from configs import dft
+
+
+def get_config(arg=None):
+  c = dft.get_config(arg)
+  c.name = "dft_novat"
+  c.loss.attn = 0.0
+  return c
