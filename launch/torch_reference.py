@@ -400,10 +400,18 @@ def run_torch_step(student_dir: str, teacher_dir: str, batch_path: str, steps: i
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
   threads = threads or os.cpu_count()
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Only effective before torch loads.
-  os.environ.setdefault("OMP_NUM_THREADS", str(threads))
   import torch  # pylint: disable=import-outside-toplevel
+  previous = torch.get_num_threads()
   torch.set_num_threads(threads)
+  try:
+    return _run(student_dir, teacher_dir, batch_path, steps, threads)
+  finally:  # In process (tests), leave the caller's torch as it was.
+    torch.set_num_threads(previous)
+
+
+def _run(student_dir: str, teacher_dir: str, batch_path: str, steps: int,
+         threads: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
   probe = PeakRss()
   student, teacher, spec = build(student_dir, teacher_dir)
   trainable = [p for p in student.parameters() if p.requires_grad]
@@ -461,7 +469,11 @@ def main(argv=None) -> int:
   p.add_argument("--threads", type=int, default=None, help="default: os.cpu_count()")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   a = p.parse_args(argv)
-  row = run_torch_step(a.student, a.teacher, a.batch, a.steps, a.threads)
+  threads = a.threads or os.cpu_count()
+  # Read by OpenMP when torch loads (below, inside run_torch_step), not later.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+  row = run_torch_step(a.student, a.teacher, a.batch, a.steps, threads)
   if a.json:
     print(json.dumps(row))
   else:

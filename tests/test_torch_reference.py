@@ -1,8 +1,9 @@
 """launch/torch_reference.py: the official PyTorch formulation computes cdx's loss.
 
 tests/test_step.py's tiny TAF student + teacher + batch (GQA student with tied embeddings,
-MHA teacher with a larger vocab, images at different offsets, two text-only rows) are
-exported with `export_inputs`; LoRA factors get nonzero B so the PEFT path matters. The
+MHA teacher with a larger vocab, images at different offsets, two text-only rows; here with
+a one-block vision tower and sharpened q/k) are exported with `export_inputs`; LoRA factors
+get nonzero B so the PEFT path matters. The
 torch first-step loss must equal `cdx.train.step.compute_loss` with kd_mask="official"
 (the unshifted KD mask of the official code); the other options are the Objective's
 defaults (attn_variant "official", forward KD at T = 1).
@@ -14,9 +15,9 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
 
 import test_step as T
-import torch
 from cdx.distill import losses
 from cdx.distill import taf
 from cdx.models import mllm
@@ -26,9 +27,9 @@ from cdx.train import reference
 from cdx.train import step as step_lib
 from launch import torch_reference as R
 
-RTOL = 1e-3  # The comparison bench.py needs; the observed gap is ~1e-6.
-# As tests/test_step.py: two student layers against overlapping teacher pairs.
+RTOL = 1e-3  # The comparison bench.py needs; the observed gap is < 1e-6.
 SHARPEN = 12.0  # q and k kernels scaled by this (see _setup).
+# As tests/test_step.py: two student layers against overlapping teacher pairs.
 OBJECTIVE = step_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
                                student_layers=(0, 1), teacher_groups=((0, 1), (1, 2)),
                                taf=True)
@@ -47,13 +48,15 @@ def _setup() -> T.Setup:
   s_cfg = mllm.make_config(VISION, T.STUDENT, **ids)
   rules = params_lib.stage_rules("dft")
 
+  key = T._key  # pylint: disable=protected-access
+
   @jax.jit
   def trees():
-    teacher = mllm.init_params(t_cfg, T._key(1))  # pylint: disable=protected-access
-    student = mllm.init_params(s_cfg, T._key(2))  # pylint: disable=protected-access
+    teacher = mllm.init_params(t_cfg, key(1))
+    student = mllm.init_params(s_cfg, key(2))
     student["vision"] = teacher["vision"]
-    student = taf.make_taf_student(student, teacher, T._key(3))  # pylint: disable=protected-access
-    lora = lora_lib.init_lora(student, rules["lora_targets"], T.RANK, T.ALPHA, T._key(4))  # pylint: disable=protected-access
+    student = taf.make_taf_student(student, teacher, key(3))
+    lora = lora_lib.init_lora(student, rules["lora_targets"], T.RANK, T.ALPHA, key(4))
     return teacher, student, lora
 
   teacher, student, lora = jax.tree.map(np.asarray, trees())
