@@ -1,4 +1,4 @@
-"""SigLIP image preprocessing (SPEC §4), matching transformers' SiglipImageProcessor.
+"""SigLIP image preprocessing (docs/METHOD.md §4), matching transformers' SiglipImageProcessor.
 
   square  resize straight to size×size (bicubic, PIL), scale 1/255, normalize
           (x - 0.5) / 0.5 → float32 [size, size, 3] in [-1, 1]. Used by every stage.

@@ -1,4 +1,4 @@
-"""Chat templates (SPEC §3): conversation → token ids and labels.
+"""Chat templates (docs/METHOD.md §3): conversation → token ids and labels.
 
 A `Conversation` is a list of (question, answer) turns with the image placeholder taken
 out and a `has_image` flag: every template decides itself where the image goes.
@@ -6,6 +6,7 @@ out and a `has_image` flag: every template decides itself where the image goes.
 Templates:
   qwen2_base  `{SYS} USER: <image>\\n{q} ASSISTANT: {a}<|endoftext|>USER: {q} ASSISTANT: ...`
               system text, user turns and ` ASSISTANT:` masked; ` {a}<|endoftext|>` supervised.
+              A first turn that is only the image reads `USER: <image> ASSISTANT:`.
   pretrain    `<image>{caption}\\n`: only the image is masked, no system text, no EOS.
 
 `encode` tokenizes the text as a list of segments, each with a "supervised" flag, so labels
@@ -60,6 +61,13 @@ def _strip_placeholder(text: str) -> str:
   return text.replace(IMAGE, "").strip()
 
 
+def _with_image(question: str) -> str:
+  # As the official template: "<image>\n{q}" stripped, so a turn that is only the
+  # image becomes "USER: <image> ASSISTANT:" (no "\n" before the space).
+  question = question.strip()
+  return f"{IMAGE}\n{question}" if question else IMAGE
+
+
 def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Conversation:
   """Builds a Conversation from LLaVA `conversations` (`{from: human|gpt, value}`).
 
@@ -109,8 +117,10 @@ def segments(conv: Conversation, template: str) -> list[tuple[str, bool]]:
     out = []
     prefix = SYSTEM + " "
     for i, turn in enumerate(conv.turns):
-      image = f"{IMAGE}\n" if (i == 0 and conv.has_image) else ""
-      out.append((f"{prefix}USER: {image}{turn.question} ASSISTANT:", False))
+      question = turn.question
+      if i == 0 and conv.has_image:
+        question = _with_image(question)
+      out.append((f"{prefix}USER: {question} ASSISTANT:", False))
       prefix = ""
       if turn.answer is not None:
         out.append((f" {turn.answer}{EOS}", True))
@@ -174,10 +184,11 @@ def encode_prompt(question: str, tokenizer, template: str, num_visual_tokens: in
                   has_image: bool = True) -> dict[str, Any]:
   """Generation prompt of one question (`... USER: <image>\\n{q} ASSISTANT:`), no labels.
 
-  Any `<image>` in `question` is dropped: the template places the image itself.
+  Any `<image>` in `question` is dropped (the template places the image itself) and the
+  question is stripped, with or without an image, as the official evaluation does.
   """
-  q = _strip_placeholder(question) if IMAGE in question else question
-  return encode(Conversation((Turn(q, None),), has_image), tokenizer, template,
+  return encode(Conversation((Turn(_strip_placeholder(question), None),), has_image),
+                tokenizer, template,
                 num_visual_tokens)
 
 
