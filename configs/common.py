@@ -161,6 +161,7 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
       image_mode="square",
       worker_count=0 if tiny else 8,
       strict=False,
+      allow_outside_root=False,  # Accept image paths leaving image_root (absolute, "..").
       shuffle=True,
       synthetic=tiny,  # Generate the synthetic world into <workdir>/data when missing.
       synthetic_train=4000,

@@ -56,6 +56,16 @@ def template_texts() -> list[str]:
   return [SYSTEM, f"{SYSTEM} USER: {IMAGE}\nQ ASSISTANT: A{EOS}USER: Q ASSISTANT:"]
 
 
+def check_text(text: str, field: str) -> None:
+  """Raises SampleError `bad_text` when `text` cannot be UTF-8 encoded (a lone surrogate,
+  e.g. from a JSON escape "\\ud800" without its pair): no tokenizer accepts it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise SampleError("bad_text", f"{field}: lone surrogate {text[e.start]!r} at character "
+                      f"{e.start}; fix the text (a JSON escape without its pair?)") from None
+
+
 def _strip_placeholder(text: str) -> str:
   # LLaVA convention: drop the placeholder and the whitespace it leaves at the ends.
   return text.replace(IMAGE, "").strip()
@@ -72,7 +82,7 @@ def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Convers
   """Builds a Conversation from LLaVA `conversations` (`{from: human|gpt, value}`).
 
   `<image>` anywhere is removed (the template puts it back at the start of the first user
-  turn). Raises SampleError with reason `bad_roles`, `empty_answer`,
+  turn). Raises SampleError with reason `bad_roles`, `bad_text`, `empty_answer`,
   `multiple_image_tokens` or `placeholder_without_image`.
   """
   if not isinstance(messages, (list, tuple)) or not messages:
@@ -84,8 +94,11 @@ def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Convers
     if (not isinstance(msg, dict) or msg.get("from") != want
         or not isinstance(msg.get("value"), str)):
       got = msg.get("from") if isinstance(msg, dict) else type(msg).__name__
+      hint = (" (ShareGPT roles: rename 'user' to 'human' and 'assistant' to 'gpt')"
+              if got in ("user", "assistant", "system") else "")
       raise SampleError("bad_roles", f"conversations[{i}]: expected from={want!r} with a "
-                        f"string 'value', got from={got!r}")
+                        f"string 'value', got from={got!r}{hint}")
+    check_text(msg["value"], f"conversations[{i}].value")
     count += msg["value"].count(IMAGE)
   if len(messages) % 2:
     raise SampleError("bad_roles", "conversations must end with a 'gpt' answer")
