@@ -86,6 +86,15 @@ def zoo(tmp_path_factory):
   with open(files["bad_utf8_json"], "wb") as f:
     f.write(b'[\n{"id": "x",\n "conversations": []},\n{"id": "caf\xe9"}]\n')
 
+  files["bom"] = base / "bom.json"  # written by editors that put a byte-order mark first
+  with open(files["bom"], "w", encoding="utf-8-sig") as f:
+    json.dump([_good(0), _good(1)], f)
+
+  files["chat_messages"] = base / "chat_messages.jsonl"  # {role, content}: not LLaVA
+  with open(files["chat_messages"], "w") as f:
+    f.write(json.dumps({"id": "m", "conversations": [{"role": "user", "content": "Q?"},
+                                                      {"role": "assistant", "content": "A"}]}))
+
   files["gray16"] = base / "gray16.json"
   _dump(files["gray16"], [_pair("<image>\nDescribe.", "A gradient.", "img/gray16.png")])
 
@@ -178,6 +187,14 @@ def test_non_utf8_json_file_error_names_file_and_line(zoo):
     sources.LlavaSource(files["bad_utf8_json"], root)
 
 
+def test_byte_order_mark_is_accepted_and_chat_messages_get_a_hint(zoo):
+  files, root = zoo
+  assert check.check_source(sources.LlavaSource(files["bom"], root)).ok == 2
+  report = check.check_source(sources.LlavaSource(files["chat_messages"], root))
+  assert dict(report.reasons) == {"bad_roles": 1}
+  assert "{from: human|gpt, value}" in report.examples["bad_roles"]
+
+
 def test_16_bit_png_keeps_its_gradient(zoo, tok):
   files, root = zoo
   path = os.path.join(root, "img", "gray16.png")
@@ -215,7 +232,8 @@ def test_image_paths_leaving_the_root_are_refused_unless_allowed(zoo, tok):
 
 
 @pytest.mark.parametrize("name", ["sharegpt", "missing_images", "surrogate", "bad_utf8",
-                                  "bad_utf8_json", "gray16", "escape"])
+                                  "bad_utf8_json", "bom", "chat_messages", "gray16",
+                                  "escape"])
 def test_checker_cli_reports_every_zoo_file_without_a_traceback(zoo, name):
   files, root = zoo
   for extra in ([], ["--json"]):

@@ -11,7 +11,7 @@ seeded subset of round(frac(w)·n) records, so a mix is deterministic and random
 
 `parse_sample` is the one validation used by the pipeline and by `cdx.data.check`. A bad
 sample raises `SampleError` whose `reason` is one of REASONS; a JSONL line that is not
-UTF-8 or not JSON becomes a load issue (`bad_encoding`, `bad_json`) naming file and line,
+UTF-8 (a byte-order mark is accepted) or not JSON becomes a load issue (`bad_encoding`, `bad_json`) naming file and line,
 and the other lines are kept. A sample with an image but no `<image>` in its text is fixed
 (the template inserts it) and reported as warning `placeholder_inserted`.
 
@@ -86,7 +86,7 @@ def read_records(path: str, strict: bool = False) -> tuple[list[tuple[str, Any]]
           continue
         where = _where(path, line_no, len(records))
         try:
-          records.append((where, json.loads(raw.decode("utf-8"))))
+          records.append((where, json.loads(raw.decode("utf-8-sig"))))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
           if isinstance(e, UnicodeDecodeError):
             reason = "bad_encoding"
@@ -102,7 +102,7 @@ def read_records(path: str, strict: bool = False) -> tuple[list[tuple[str, Any]]
   with open(path, "rb") as f:
     data = f.read()
   try:
-    data = json.loads(data.decode("utf-8"))
+    data = json.loads(data.decode("utf-8-sig"))
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
     raise ValueError(f"{path}:{line}: not UTF-8 (byte {data[e.start:e.start + 1]!r} at "

@@ -94,8 +94,11 @@ def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Convers
     if (not isinstance(msg, dict) or msg.get("from") != want
         or not isinstance(msg.get("value"), str)):
       got = msg.get("from") if isinstance(msg, dict) else type(msg).__name__
-      hint = (" (ShareGPT roles: rename 'user' to 'human' and 'assistant' to 'gpt')"
-              if got in ("user", "assistant", "system") else "")
+      hint = ""
+      if got in ("user", "assistant", "system"):
+        hint = " (ShareGPT roles: rename 'user' to 'human' and 'assistant' to 'gpt')"
+      elif isinstance(msg, dict) and "role" in msg:
+        hint = " (chat messages {role, content}: write {from: human|gpt, value} instead)"
       raise SampleError("bad_roles", f"conversations[{i}]: expected from={want!r} with a "
                         f"string 'value', got from={got!r}{hint}")
     check_text(msg["value"], f"conversations[{i}].value")
