@@ -18,7 +18,8 @@ Export writes config.json + one model.safetensors. The vision tower is written t
 feature layer needs (HF `vision_feature_layer` becomes -1, no head), which computes the
 same features. HF's SigLIP module still holds a `post_layernorm` that the features never
 pass through (they are taken before it); cdx does not keep it, so export writes it as
-weight 1, bias 0 and transformers loads the dir without newly initialising anything. A TAF student's post-connector is folded into the projector's second
+weight 1, bias 0 and transformers loads the dir without newly initialising anything.
+A TAF student's post-connector is folded into the projector's second
 linear (post ∘ fc2 is one linear map); the projector's intermediate width then stays the
 teacher's hidden Ht, which stock HF LLaVA cannot hold unless Ht == the text hidden Hs:
 Ht < Hs is zero-padded to Hs (exact), Ht > Hs writes a `projector_hidden_size` and a small
