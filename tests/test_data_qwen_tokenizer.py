@@ -161,7 +161,8 @@ def test_rebuilt_tokenizer_equals_tiktoken_on_the_same_ranks(qwen_dir):
                           mergeable_ranks=ranks, special_tokens={})
   texts = ["Hello world!  How are you?\n\n  fine\r\n", "In 2024: 12345 apples; don't, I'LL",
            "你好，世界。日本語のテキスト", "tabs\t\tand   spaces   \n end ",
-           "émigré naïve café 👍🏽 ∑x² → ∞", templates.SYSTEM, "a" * 300 + " " + "ab" * 50]
+           "émigré naïve café 👍🏽 ∑x² → ∞", templates.SYSTEM,
+           "a" * 300 + " " + "ab" * 50]
   for text in texts:
     assert tok(text, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(text), text
   assert tok.convert_tokens_to_ids(list(qwen_tokenizer.SPECIALS)) == [151643, 151644, 151645]

@@ -11,14 +11,16 @@ seeded subset of round(frac(w)·n) records, so a mix is deterministic and random
 
 `parse_sample` is the one validation used by the pipeline and by `cdx.data.check`. A bad
 sample raises `SampleError` whose `reason` is one of REASONS; a JSONL line that is not
-UTF-8 (a byte-order mark is accepted) or not JSON becomes a load issue (`bad_encoding`, `bad_json`) naming file and line,
-and the other lines are kept. A sample with an image but no `<image>` in its text is fixed
-(the template inserts it) and reported as warning `placeholder_inserted`.
+UTF-8 or not JSON becomes a load issue (`bad_encoding`, `bad_json`) naming file and line,
+and the other lines are kept (a leading byte-order mark is accepted). A sample with an
+image but no `<image>` in its text is fixed (the template inserts it) and reported as
+warning `placeholder_inserted`.
 
-Image paths are relative to the image root and must stay inside it: an absolute path or
-one whose `..` parts leave the root is refused (`image_outside_root`) unless the source is
-built with `allow_outside_root=True`. Paths are compared after normalization, not after
-resolving symlinks, so a root that links to image folders elsewhere keeps working.
+Image paths are relative to the image root and must stay inside it: with a root set, an
+absolute path or one whose `..` parts leave the root is refused (`image_outside_root`)
+unless the source is built with `allow_outside_root=True`. Paths are compared after
+normalization, not after resolving symlinks, so a root that links to image folders
+elsewhere keeps working.
 """
 from __future__ import annotations
 
@@ -128,10 +130,10 @@ def parse_sample(raw: dict[str, Any]) -> Parsed:
   sample_id = record.get("id")
   image_rel = record.get("image")
   has_image = image_rel is not None
+  if has_image and (not isinstance(image_rel, str) or not image_rel):
+    raise _fail("bad_image_field", where, sample_id, f"field 'image' must be one relative "
+                f"path string, got {image_rel!r}")
   try:
-    if has_image and (not isinstance(image_rel, str) or not image_rel):
-      raise SampleError("bad_image_field", f"field 'image' must be one relative path "
-                        f"string, got {image_rel!r}")
     if has_image:
       templates.check_text(image_rel, "field 'image'")
   except SampleError as e:
