@@ -16,7 +16,10 @@ language_model.lm_head.weight; SigLIP without a `vision_model.` level); other sp
 (model.language_model.*, vision_tower.vision_model.*, vision_model.*) are renamed on load.
 Export writes config.json + one model.safetensors. The vision tower is written truncated to the layers the
 feature layer needs (HF `vision_feature_layer` becomes -1, no head), which computes the
-same features. A TAF student's post-connector is folded into the projector's second
+same features. HF's SigLIP module still holds a `post_layernorm` that the features never
+pass through (they are taken before it); cdx does not keep it, so export writes it as
+weight 1, bias 0 and transformers loads the dir without newly initialising anything.
+A TAF student's post-connector is folded into the projector's second
 linear (post ∘ fc2 is one linear map); the projector's intermediate width then stays the
 teacher's hidden Ht, which stock HF LLaVA cannot hold unless Ht == the text hidden Hs:
 Ht < Hs is zero-padded to Hs (exact), Ht > Hs writes a `projector_hidden_size` and a small
@@ -193,10 +196,19 @@ def _get(tree: dict, path: str):
   return tree
 
 
-def _save(params: dict, table: list, path: str, config: dict, dtype) -> None:
+def _post_layernorm(prefix: str, hidden: int) -> dict:
+  """SigLIP's unused post_layernorm (see the module docstring) as weight 1, bias 0."""
+  return {f"{prefix}post_layernorm.weight": np.ones((hidden,), np.float32),
+          f"{prefix}post_layernorm.bias": np.zeros((hidden,), np.float32)}
+
+
+def _save(params: dict, table: list, path: str, config: dict, dtype,
+          constants: dict | None = None) -> None:
+  """Writes the table's tensors and `constants` (HF key -> array) in `dtype`."""
   os.makedirs(path, exist_ok=True)
   tensors = {theirs: jnp.asarray(_to_hf(jnp.asarray(_get(params, ours)), f), dtype)
              for ours, theirs, f in table}
+  tensors.update({k: jnp.asarray(v, dtype) for k, v in (constants or {}).items()})
   save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
@@ -419,7 +431,9 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
   table = _llava_table(dataclasses.replace(
       cfg, feature_layer=-1, vision=dataclasses.replace(cfg.vision, num_layers=n_vis)),
       in_memory=width > hidden)
-  _save(params, table, path, hf_config, dtype)
+  vision_prefix = ("model." if width > hidden else "") + "vision_tower."
+  _save(params, table, path, hf_config, dtype,
+        _post_layernorm(vision_prefix, cfg.vision.hidden_size))
   if width > hidden:
     shutil.copyfile(os.path.join(os.path.dirname(__file__), REMOTE_CODE), remote)
   elif os.path.exists(remote):  # a stale copy from an earlier export to this dir
@@ -443,4 +457,5 @@ def save_siglip(config: siglip.SiglipConfig, params: dict, path: str,
   n = sum(k.startswith("layers_") for k in params)
   hf_config = dict(_siglip_hf(config, n), architectures=["SiglipVisionModel"],
                    dtype=str(jnp.dtype(dtype)))
-  _save(params, _siglip_table(n, "", ""), path, hf_config, dtype)
+  _save(params, _siglip_table(n, "", ""), path, hf_config, dtype,
+        _post_layernorm("", config.hidden_size))

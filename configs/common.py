@@ -128,6 +128,7 @@ def data(preset: str, kind: str) -> ml_collections.ConfigDict:
       image_mode="square",
       worker_count=0 if tiny else 8,
       strict=False,
+      allow_outside_root=False,  # Accept image paths leaving image_root (absolute, "..").
       shuffle=True,
       synthetic=tiny,  # Generate the synthetic world into <workdir>/data when missing.
       synthetic_train=4000,

@@ -1,6 +1,7 @@
 """Dataset checker: counts usable and bad samples with the pipeline's own validation.
 
   python -m cdx.data.check FILE [FILE ...] --image-root DIR [--json] [--strict]
+         [--allow-outside-root]
          [--tokenizer DIR --max-length N --num-visual-tokens N --template NAME]
 
 Every sample goes through `sources.parse_sample` (structure, roles, placeholder, image
@@ -87,13 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--image-root", default=None, help="folder the 'image' paths are under")
   ap.add_argument("--json", action="store_true", help="print one JSON object")
   ap.add_argument("--strict", action="store_true", help="stop at the first bad sample")
+  ap.add_argument("--allow-outside-root", action="store_true",
+                  help="accept image paths that leave --image-root (absolute or '..')")
   ap.add_argument("--tokenizer", default=None, help="HF tokenizer dir: also check lengths")
   ap.add_argument("--max-length", type=int, default=2048)
   ap.add_argument("--num-visual-tokens", type=int, default=728)
   ap.add_argument("--template", default="qwen2_base")
   args = ap.parse_args(argv)
   try:
-    source = sources.LlavaSource(args.files, args.image_root, strict=args.strict)
+    source = sources.LlavaSource(args.files, args.image_root, strict=args.strict,
+                                 allow_outside_root=args.allow_outside_root)
     builder = None
     if args.tokenizer:
       from cdx.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top

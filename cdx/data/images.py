@@ -1,4 +1,4 @@
-"""SigLIP image preprocessing (SPEC §4), matching transformers' SiglipImageProcessor.
+"""SigLIP image preprocessing (docs/METHOD.md §4), matching transformers' SiglipImageProcessor.
 
   square  resize straight to size×size (bicubic, PIL), scale 1/255, normalize
           (x - 0.5) / 0.5 → float32 [size, size, 3] in [-1, 1]. Used by every stage.
@@ -6,6 +6,10 @@
           LLaVA's expand-to-square), then as `square`.
 
 Text-only samples get `zero_image` (all zeros, i.e. the normalized mid-grey).
+
+`load_image` returns RGB. PIL's own RGB conversion clips 16-bit and 32-bit grey images
+(modes I;16*, I, F) at 255, which turns most of them white; they are rescaled to 8 bits
+first (16-bit: /257; float: [0, 1] or [0, 255] as stored).
 """
 from __future__ import annotations
 
@@ -46,8 +50,21 @@ def zero_image(size: int = 384) -> np.ndarray:
   return np.zeros((size, size, 3), np.float32)
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+  """Deep grey modes (I;16*, I, F) → mode L with the full range mapped to 0..255."""
+  x = np.asarray(image, np.float64)
+  if image.mode == "F":
+    x = x * 255 if np.nanmax(x, initial=0) <= 1 else x
+  elif image.mode.startswith("I;16") or np.max(x, initial=0) > 255:
+    x = x / 257  # 65535 -> 255 (an 'I' image holding more than 8 bits is 16-bit PNG data)
+  x = np.nan_to_num(x)
+  return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: str) -> Image.Image:
-  """Opens and fully decodes an image file (raises OSError if missing or corrupt)."""
+  """Opens and fully decodes an image file into RGB (raises OSError if missing/corrupt)."""
   with Image.open(path) as im:
     im.load()
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+      return _to_8bit(im).convert("RGB")
     return im.convert("RGB")

@@ -11,8 +11,15 @@ A batch is a dict of numpy arrays:
   input_ids int32 [B, L], labels int32 [B, L] (-100 masked), attention_mask int32 [B, L],
   pixel_values float32 [B, S, S, 3], has_image bool [B]
 with L = max_length. Bad samples never stop an epoch: the builder turns them into skip
-markers that the iterator counts in `stats` (strict mode raises instead). The iterator
-state (`get_state()`, JSON-able) taken between batches restores the exact next batches.
+markers that the iterator counts in `stats` (strict mode raises instead). But a whole
+epoch's worth of samples in a row without a usable one (every sample broken, every image
+missing) raises `NoUsableData`, naming the files and the top skip reasons, instead of
+searching forever. The iterator state (`get_state()`, JSON-able) taken between batches
+restores the exact next batches.
+
+`merge_stats` adds up the per-process `stats` into the checker's report format and
+`skip_lines` renders it for the console: one count line, plus a warning line when more
+than 5 % of the samples were skipped.
 """
 from __future__ import annotations
 
@@ -32,6 +39,11 @@ from cdx.data.templates import SampleError
 
 SKIP = "_skip"
 WARN = "_warnings"
+WARN_FRACTION = 0.05  # skip_lines warns above this fraction of skipped samples
+
+
+class NoUsableData(ValueError):
+  """A whole epoch of samples without a usable one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +109,7 @@ class ExampleBuilder:
     except SampleError as e:
       if c.strict:
         raise
-      return {SKIP: e.reason, "where": raw["where"]}
+      return {SKIP: e.reason, "where": raw["where"], "message": str(e)}
     if parsed.image is None:
       example["pixel_values"] = images.zero_image(c.image_size)
     else:
@@ -140,12 +152,17 @@ class BatchIterator:
   """
 
   def __init__(self, dataset: grain.IterDataset, config: PipelineConfig, pad_id: int,
-               issues: list[sources.Issue]):
+               issues: list[sources.Issue], epoch_size: int | None = None,
+               name: str = "the data"):
     self.config = config
     self.pad_id = pad_id
     self._it = iter(dataset)
     self.stats = _new_stats(issues)
     self._done = False
+    self._epoch_size = epoch_size  # samples of one epoch on this process
+    self._name = name
+    self._since_ok = 0  # samples in a row without a usable one
+    self._examples = {i.reason: i.message for i in issues}  # reason -> first message
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -165,14 +182,28 @@ class BatchIterator:
       self.stats["seen"] += 1
       if SKIP in ex:
         self._count("skipped", ex[SKIP])
+        self._examples.setdefault(ex[SKIP], ex.get("message", ex["where"]))
+        self._since_ok += 1
+        if self._epoch_size and self._since_ok >= self._epoch_size:
+          raise self._no_usable_data(f"{self._since_ok} samples in a row (a whole epoch)")
         continue
+      self._since_ok = 0
       self.stats["ok"] += 1
       for w in ex[WARN]:
         self._count("warnings", w)
       examples.append(ex)
+    if self._done and self.stats["ok"] == 0 and self.stats["seen"]:
+      raise self._no_usable_data(f"all {self.stats['seen']} samples")
     if not examples or (len(examples) < c.batch_size and c.drop_remainder):
       raise StopIteration
     return pad_batch(examples, c.batch_size, c.max_length, self.pad_id, c.image_size)
+
+  def _no_usable_data(self, how_many: str) -> NoUsableData:
+    top = sorted(self.stats["skipped"].items(), key=lambda kv: -kv[1])[:3]
+    reasons = "; ".join(f"{r} x{n}, e.g. {self._examples.get(r, '?')}" for r, n in top)
+    return NoUsableData(f"no usable training sample in {self._name}: {how_many} skipped. "
+                        f"Top reasons: {reasons}. Run `python -m cdx.data.check FILE "
+                        "--image-root DIR` for a full report.")
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able state; take it between batches."""
@@ -193,6 +224,41 @@ def _copy_stats(stats: dict[str, Any]) -> dict[str, Any]:
           "skipped": dict(stats["skipped"]), "warnings": dict(stats["warnings"])}
 
 
+def merge_stats(per_process: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per-process `BatchIterator.stats` → one report keyed like `cdx.data.check --json`:
+  {"total", "ok", "bad", "reasons": {reason: n}, "warnings": {reason: n}}."""
+  reasons, warnings = collections.Counter(), collections.Counter()
+  for st in per_process:
+    reasons.update(st["skipped"])
+    warnings.update(st["warnings"])
+  return {"total": sum(st["seen"] for st in per_process),
+          "ok": sum(st["ok"] for st in per_process), "bad": sum(reasons.values()),
+          "reasons": dict(sorted(reasons.items())), "warnings": dict(sorted(warnings.items()))}
+
+
+def skip_lines(report: dict[str, Any], stage: str,
+               warn_fraction: float = WARN_FRACTION) -> list[str]:
+  """Console lines of a `merge_stats` report: the counts, and a warning above the limit.
+
+  e.g. ["[sft] data: 447 samples, 12 ok, 435 skipped (97.3%): bad_roles 400, ...",
+        "[sft] WARNING: 97.3% of the training samples were skipped (> 5%); ..."]
+  """
+  total, bad = report["total"], report["bad"]
+  frac = bad / total if total else 0.0
+  top = ", ".join(f"{r} {n}" for r, n in sorted(report["reasons"].items(),
+                                                  key=lambda kv: -kv[1]))
+  line = f"[{stage}] data: {total} samples, {report['ok']} ok, {bad} skipped ({frac:.1%})"
+  line += f": {top}" if top else ""
+  if report["warnings"]:
+    line += "; fixed: " + ", ".join(f"{w} {n}" for w, n in report["warnings"].items())
+  lines = [line]
+  if frac > warn_fraction:
+    lines.append(f"[{stage}] WARNING: {frac:.1%} of the training samples were skipped "
+                 f"(> {warn_fraction:.0%}); run `python -m cdx.data.check` on the training "
+                 "files to see why.")
+  return lines
+
+
 def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig, *,
                   pad_id: int, process_index: int | None = None,
                   process_count: int | None = None) -> BatchIterator:
@@ -208,9 +274,10 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
   pc = jax.process_count() if process_count is None else process_count
   if not 0 <= pi < pc:
     raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
-  if len(source) == 0:
-    raise ValueError(f"{source!r} holds no samples")
   issues = list(getattr(source, "issues", []))
+  if len(source) == 0:
+    why = f"; e.g. {issues[0].message}" if issues else ""
+    raise NoUsableData(f"{source!r} holds no samples ({len(issues)} unreadable lines{why})")
   if config.strict and issues:
     raise SampleError(issues[0].reason, issues[0].message)
   ds = grain.MapDataset.source(source)
@@ -227,8 +294,11 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+  files = getattr(source, "files", None)
+  name = ", ".join(files) if files else repr(source)
   # Load issues are counted once, by process 0.
-  return BatchIterator(it_ds, config, pad_id, issues if pi == 0 else [])
+  return BatchIterator(it_ds, config, pad_id, issues if pi == 0 else [],
+                       epoch_size=-(-len(source) // pc), name=name)
 
 
 def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

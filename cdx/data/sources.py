@@ -11,9 +11,16 @@ seeded subset of round(frac(w)·n) records, so a mix is deterministic and random
 
 `parse_sample` is the one validation used by the pipeline and by `cdx.data.check`. A bad
 sample raises `SampleError` whose `reason` is one of REASONS; a JSONL line that is not
-JSON becomes a load issue with reason `bad_json`. A sample with an image but no `<image>`
-in its text is fixed (the template inserts it) and reported as warning
-`placeholder_inserted`.
+UTF-8 or not JSON becomes a load issue (`bad_encoding`, `bad_json`) naming file and line,
+and the other lines are kept (a leading byte-order mark is accepted). A sample with an
+image but no `<image>` in its text is fixed (the template inserts it) and reported as
+warning `placeholder_inserted`.
+
+Image paths are relative to the image root and must stay inside it: with a root set, an
+absolute path or one whose `..` parts leave the root is refused (`image_outside_root`)
+unless the source is built with `allow_outside_root=True`. Paths are compared after
+normalization, not after resolving symlinks, so a root that links to image folders
+elsewhere keeps working.
 """
 from __future__ import annotations
 
@@ -30,13 +37,16 @@ from cdx.data import templates
 from cdx.data.templates import SampleError
 
 REASONS = (
+    "bad_encoding",               # a JSONL line that is not UTF-8 (load time)
     "bad_json",                   # a JSONL line that does not parse (load time)
     "bad_record",                 # not an object, or no 'conversations' list
     "bad_roles",                  # roles not human, gpt, human, gpt, ... ending on gpt
+    "bad_text",                   # text that is not valid Unicode (a lone surrogate)
     "empty_answer",               # a gpt turn with empty text
     "multiple_image_tokens",      # <image> more than once
     "placeholder_without_image",  # <image> in the text but no 'image' field
     "bad_image_field",            # 'image' is not a non-empty string (e.g. a list)
+    "image_outside_root",         # absolute or `..` image path leaving the image root
     "missing_image",              # image file not found
     "corrupt_image",              # image file does not decode
     "image_block_truncated",      # the visual block does not fit in max_length
@@ -72,25 +82,36 @@ def read_records(path: str, strict: bool = False) -> tuple[list[tuple[str, Any]]
     raise ValueError(f"data file {path!r} does not exist")
   records, issues = [], []
   if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
+    with open(path, "rb") as f:  # Bytes: one bad line must not refuse the whole file.
+      for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
           continue
         where = _where(path, line_no, len(records))
         try:
-          records.append((where, json.loads(line)))
-        except json.JSONDecodeError as e:
-          msg = f"{where}: line is not valid JSON ({e.msg}); fix or remove the line"
+          records.append((where, json.loads(raw.decode("utf-8-sig"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+          if isinstance(e, UnicodeDecodeError):
+            reason = "bad_encoding"
+            msg = (f"{where}: line is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
+                   f"column {e.start + 1}); re-encode the file as UTF-8 or remove the line")
+          else:
+            reason, msg = "bad_json", (f"{where}: line is not valid JSON ({e.msg}); fix or "
+                                       "remove the line")
           if strict:
-            raise SampleError("bad_json", msg) from e
-          issues.append(Issue("bad_json", where, msg))
+            raise SampleError(reason, msg) from None
+          issues.append(Issue(reason, where, msg))
     return records, issues
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); a .json file must hold one list "
-                       "of records (use .jsonl for one record a line)") from e
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data = json.loads(data.decode("utf-8-sig"))
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 (byte {data[e.start:e.start + 1]!r} at "
+                     f"offset {e.start}); re-encode the file as UTF-8") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); a .json file must hold one list "
+                     "of records (use .jsonl for one record a line)") from None
   if not isinstance(data, list):
     raise ValueError(f"{path}: top level is {type(data).__name__}, expected a list of records")
   return [(_where(path, None, i), r) for i, r in enumerate(data)], issues
@@ -113,6 +134,11 @@ def parse_sample(raw: dict[str, Any]) -> Parsed:
     raise _fail("bad_image_field", where, sample_id, f"field 'image' must be one relative "
                 f"path string, got {image_rel!r}")
   try:
+    if has_image:
+      templates.check_text(image_rel, "field 'image'")
+  except SampleError as e:
+    raise _fail(e.reason, where, sample_id, str(e)) from None
+  try:
     conv = templates.conversation_from_llava(record["conversations"], has_image)
   except SampleError as e:
     raise _fail(e.reason, where, sample_id, f"field 'conversations': {e}") from e
@@ -122,6 +148,10 @@ def parse_sample(raw: dict[str, Any]) -> Parsed:
   image = None
   if has_image:
     path = os.path.join(root or "", image_rel)
+    if root and not raw.get("allow_outside_root", False) and not _inside(root, path):
+      raise _fail("image_outside_root", where, sample_id, f"field 'image': {image_rel!r} "
+                  f"leaves the image root {root!r}; use a path inside it (or allow it "
+                  "explicitly: data.allow_outside_root)")
     if not os.path.isfile(path):
       raise _fail("missing_image", where, sample_id, f"field 'image': file {path!r} not found "
                   "(check --image-root)")
@@ -131,6 +161,11 @@ def parse_sample(raw: dict[str, Any]) -> Parsed:
       raise _fail("corrupt_image", where, sample_id,
                   f"field 'image': {path!r} does not decode ({e})") from e
   return Parsed(conv, image, warnings, where)
+
+
+def _inside(root: str, path: str) -> bool:
+  root = os.path.abspath(root)
+  return os.path.commonpath([root, os.path.abspath(path)]) == root
 
 
 def _mix_counts(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
@@ -151,10 +186,12 @@ class LlavaSource:
     weights: per-file use count per epoch (default 1 each); fractions take a seeded subset.
     seed: seed of the fractional subsets.
     strict: raise on a bad JSONL line instead of recording it in `issues`.
+    allow_outside_root: accept image paths that leave the image root (absolute, `..`).
   """
 
   def __init__(self, files: str | Sequence[str], image_root: str | Sequence[str] | None = None,
-               weights: Sequence[float] | None = None, seed: int = 0, strict: bool = False):
+               weights: Sequence[float] | None = None, seed: int = 0, strict: bool = False,
+               allow_outside_root: bool = False):
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not files:
       raise ValueError("files is empty; pass at least one LLaVA .json/.jsonl path")
@@ -168,6 +205,7 @@ class LlavaSource:
       raise ValueError(f"weights={weights} must be >= 0")
     self.files = [os.fspath(f) for f in files]
     self.image_roots = roots
+    self.allow_outside_root = bool(allow_outside_root)
     self.issues: list[Issue] = []
     self._records: list[list[tuple[str, Any]]] = []
     rng = np.random.default_rng(seed)
@@ -188,7 +226,8 @@ class LlavaSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     f = int(self._file_idx[index])
     where, record = self._records[f][int(self._rec_idx[index])]
-    return {"record": record, "where": where, "image_root": self.image_roots[f]}
+    return {"record": record, "where": where, "image_root": self.image_roots[f],
+            "allow_outside_root": self.allow_outside_root}
 
   def __repr__(self) -> str:
     return f"LlavaSource(files={self.files}, len={len(self)})"

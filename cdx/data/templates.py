@@ -1,4 +1,4 @@
-"""Chat templates (SPEC §3): conversation → token ids and labels.
+"""Chat templates (docs/METHOD.md §3): conversation → token ids and labels.
 
 A `Conversation` is a list of (question, answer) turns with the image placeholder taken
 out and a `has_image` flag: every template decides itself where the image goes.
@@ -6,6 +6,7 @@ out and a `has_image` flag: every template decides itself where the image goes.
 Templates:
   qwen2_base  `{SYS} USER: <image>\\n{q} ASSISTANT: {a}<|endoftext|>USER: {q} ASSISTANT: ...`
               system text, user turns and ` ASSISTANT:` masked; ` {a}<|endoftext|>` supervised.
+              A first turn that is only the image reads `USER: <image> ASSISTANT:`.
   pretrain    `<image>{caption}\\n`: only the image is masked, no system text, no EOS.
 
 `encode` tokenizes the text as a list of segments, each with a "supervised" flag, so labels
@@ -55,16 +56,33 @@ def template_texts() -> list[str]:
   return [SYSTEM, f"{SYSTEM} USER: {IMAGE}\nQ ASSISTANT: A{EOS}USER: Q ASSISTANT:"]
 
 
+def check_text(text: str, field: str) -> None:
+  """Raises SampleError `bad_text` when `text` cannot be UTF-8 encoded (a lone surrogate,
+  e.g. from a JSON escape "\\ud800" without its pair): no tokenizer accepts it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise SampleError("bad_text", f"{field}: lone surrogate {text[e.start]!r} at character "
+                      f"{e.start}; fix the text (a JSON escape without its pair?)") from None
+
+
 def _strip_placeholder(text: str) -> str:
   # LLaVA convention: drop the placeholder and the whitespace it leaves at the ends.
   return text.replace(IMAGE, "").strip()
+
+
+def _with_image(question: str) -> str:
+  # As the official template: "<image>\n{q}" stripped, so a turn that is only the
+  # image becomes "USER: <image> ASSISTANT:" (no "\n" before the space).
+  question = question.strip()
+  return f"{IMAGE}\n{question}" if question else IMAGE
 
 
 def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Conversation:
   """Builds a Conversation from LLaVA `conversations` (`{from: human|gpt, value}`).
 
   `<image>` anywhere is removed (the template puts it back at the start of the first user
-  turn). Raises SampleError with reason `bad_roles`, `empty_answer`,
+  turn). Raises SampleError with reason `bad_roles`, `bad_text`, `empty_answer`,
   `multiple_image_tokens` or `placeholder_without_image`.
   """
   if not isinstance(messages, (list, tuple)) or not messages:
@@ -76,8 +94,14 @@ def conversation_from_llava(messages: Sequence[Any], has_image: bool) -> Convers
     if (not isinstance(msg, dict) or msg.get("from") != want
         or not isinstance(msg.get("value"), str)):
       got = msg.get("from") if isinstance(msg, dict) else type(msg).__name__
+      hint = ""
+      if got in ("user", "assistant", "system"):
+        hint = " (ShareGPT roles: rename 'user' to 'human' and 'assistant' to 'gpt')"
+      elif isinstance(msg, dict) and "role" in msg:
+        hint = " (chat messages {role, content}: write {from: human|gpt, value} instead)"
       raise SampleError("bad_roles", f"conversations[{i}]: expected from={want!r} with a "
-                        f"string 'value', got from={got!r}")
+                        f"string 'value', got from={got!r}{hint}")
+    check_text(msg["value"], f"conversations[{i}].value")
     count += msg["value"].count(IMAGE)
   if len(messages) % 2:
     raise SampleError("bad_roles", "conversations must end with a 'gpt' answer")
@@ -109,8 +133,10 @@ def segments(conv: Conversation, template: str) -> list[tuple[str, bool]]:
     out = []
     prefix = SYSTEM + " "
     for i, turn in enumerate(conv.turns):
-      image = f"{IMAGE}\n" if (i == 0 and conv.has_image) else ""
-      out.append((f"{prefix}USER: {image}{turn.question} ASSISTANT:", False))
+      question = turn.question
+      if i == 0 and conv.has_image:
+        question = _with_image(question)
+      out.append((f"{prefix}USER: {question} ASSISTANT:", False))
       prefix = ""
       if turn.answer is not None:
         out.append((f" {turn.answer}{EOS}", True))
@@ -174,10 +200,11 @@ def encode_prompt(question: str, tokenizer, template: str, num_visual_tokens: in
                   has_image: bool = True) -> dict[str, Any]:
   """Generation prompt of one question (`... USER: <image>\\n{q} ASSISTANT:`), no labels.
 
-  Any `<image>` in `question` is dropped: the template places the image itself.
+  Any `<image>` in `question` is dropped (the template places the image itself) and the
+  question is stripped, with or without an image, as the official evaluation does.
   """
-  q = _strip_placeholder(question) if IMAGE in question else question
-  return encode(Conversation((Turn(q, None),), has_image), tokenizer, template,
+  return encode(Conversation((Turn(_strip_placeholder(question), None),), has_image),
+                tokenizer, template,
                 num_visual_tokens)
 
 

@@ -8,7 +8,8 @@ is no BOS token: encoding never prepends anything.
 
 `load_tokenizer` opens such a directory, or a real Qwen one, and returns the tokenizer with
 the three ids the data layer needs (`TokenIds`). A tokenizer without `<image>` gets it added
-as a special token (its id is reported in `TokenIds.image`).
+as a special token (its id is reported in `TokenIds.image`); one whose pad is missing or
+equals EOS (Qwen1.5's) gets `<|extra_0|>`, and its `pad_token` is set to it.
 """
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def load_tokenizer(path: str | os.PathLike) -> tuple[transformers.PreTrainedToke
     if pad is None or pad == eos:
       tokenizer.add_tokens([PAD], special_tokens=True)
       pad = _single_id(tokenizer, PAD)
+  # The tokenizer's own pad_token must name the same id (it is saved next to HF exports,
+  # whose config says pad_token_id = pad).
+  tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
   return tokenizer, TokenIds(image=int(image), pad=int(pad), eos=int(eos))
 
 
