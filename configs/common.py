@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from cdx import parallel  # The default logical -> mesh axis map.
 from cdx.config import parse_arg
 from cdx.train import params as params_lib  # Trainable patterns per stage (SPEC §7).
 
@@ -169,7 +170,9 @@ def get_config(stage: str, preset: str, role: str = "teacher") -> ml_collections
     c.data.train = "pretrain.json" if stage in ("pretrain", "dpt") else "instruct.json"
 
   # Hardware.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Sizes of the mesh axes, and which of them each logical param axis shards over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          axis_map=dict(parallel.DEFAULT_AXIS_MAP)))
   c.param_dtype = "float32"
   c.compute_dtype = "float32" if tiny else "bfloat16"
   # Decoder-layer rematerialization: "none" or a jax.checkpoint_policies name
