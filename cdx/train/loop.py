@@ -257,9 +257,13 @@ def build(cfg, workdir: str) -> Setup:
   n_dev = jax.device_count()
   try:
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  except ValueError as e:
+    sizes = {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}
+    raise UserError(f"mesh {sizes} on {n_dev} devices: {e}") from None
+  try:
     axis_map = parallel.check_axis_map(cfg.mesh.get("axis_map", parallel.DEFAULT_AXIS_MAP))
   except ValueError as e:
-    raise UserError(f"mesh {dict(cfg.mesh)} on {n_dev} devices: {e}") from None
+    raise UserError(str(e)) from None
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.batch_size % (shards * cfg.micro_batches):
     raise UserError(f"batch_size={cfg.batch_size} must be divisible by mesh data*fsdp="
