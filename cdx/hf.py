@@ -36,7 +36,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from cdx.distill import taf
+from cdx.models import adapter as adapter_lib
 from cdx.models import mllm
 from cdx.models import qwen
 from cdx.models import siglip
@@ -372,22 +372,9 @@ def fold_post_connector(cfg: mllm.MllmConfig, params: dict) -> tuple[mllm.MllmCo
     raise ValueError("cfg.post_connector_in is set but params have no 'post' subtree.")
   width = cfg.adapter_width
   folded = {k: v for k, v in params.items() if k != "post"}
-  folded["adapter"] = taf.fold_post_connector(params["adapter"], params["post"])
+  folded["adapter"] = adapter_lib.fold_post_connector(params["adapter"], params["post"])
   hidden = None if width == cfg.text.hidden_size else width
   return dataclasses.replace(cfg, post_connector_in=None, adapter_hidden=hidden), folded
-
-
-def _pad_projector(adapter: dict, width: int) -> dict:
-  """mlp2x_gelu with intermediate W < width -> W = width, same function.
-
-  fc1 gets zero output columns and zero bias (gelu(0) = 0), fc2 zero input rows.
-  """
-  fc1, fc2 = adapter["fc1"], adapter["fc2"]
-  extra = width - fc1["kernel"].shape[1]
-  return dict(adapter,
-              fc1={"kernel": jnp.pad(jnp.asarray(fc1["kernel"]), ((0, 0), (0, extra))),
-                   "bias": jnp.pad(jnp.asarray(fc1["bias"]), (0, extra))},
-              fc2=dict(fc2, kernel=jnp.pad(jnp.asarray(fc2["kernel"]), ((0, extra), (0, 0)))))
 
 
 REMOTE_CODE = "modeling_cdx_llava.py"
@@ -411,7 +398,7 @@ def save_llava(config: mllm.MllmConfig, params: dict, path: str,
   cfg, params = fold_post_connector(*mllm.unscanned(config, params))
   width, hidden = cfg.adapter_width, cfg.text.hidden_size
   if width < hidden:
-    params = dict(params, adapter=_pad_projector(params["adapter"], hidden))
+    params = dict(params, adapter=adapter_lib.pad_hidden(params["adapter"], hidden))
   n_vis = siglip.layers_needed(cfg.vision, cfg.feature_layer)
   dtype = dtype or cfg.param_dtype
   text = _qwen_hf(cfg.text, cfg.eos_token_id, cfg.pad_token_id)

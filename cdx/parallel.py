@@ -1,21 +1,24 @@
-"""Device mesh, param/batch shardings from path rules, and multi-host start-up.
+"""Device mesh, param/batch shardings from logical axes, and multi-host start-up.
 
 Mesh: three axes ("data", "fsdp", "tensor") with Auto axis types, built over all
 `jax.devices()` (every process's). Batch rows split over ("data", "fsdp"); params are
-sharded by *logical* axes:
+sharded by *logical* axes, MaxText style, in two tables:
 
-  rules    = ordered (path regex, logical axes per dim), first fullmatch wins, e.g.
-             (r"llm/layers_\\d+/mlp/(gate|up)/kernel", ("embed", "mlp"))
-  axis_map = logical axis -> mesh axis / tuple of mesh axes / None, e.g.
-             {"embed": "fsdp", "mlp": "tensor", "batch": ("data", "fsdp")}
+  logical_axes = ordered (path regex, logical axis per dim), first fullmatch wins; each
+                 model file declares its own beside its variants (e.g. cdx/models/qwen.py
+                 LOGICAL_AXES: (r"layers(_\\d+)?/mlp/(gate|up)/kernel", ("embed", "mlp"))),
+                 cdx/models/mllm.py composes them for the whole tree
+  axis_map     = logical axis -> mesh axis / tuple of mesh axes / None: `DEFAULT_AXIS_MAP`,
+                 overridden by the config's `mesh.axis_map` (docs/CONFIG.md)
 
 `param_shardings` turns a param tree (arrays or ShapeDtypeStructs) into a tree of
-NamedSharding. A dim whose size does not divide by its mesh axes' size, or whose mesh axis
-is already used by an earlier dim, is replicated instead (logged, never an error); leaves
-no rule matches are replicated. LoRA factors follow their kernel: ``.../kernel/a [in, r]``
-shards like the kernel's input dim, ``.../kernel/b [r, out]`` like its output dim. In a
-scanned decoder (`llm/layers/...`, leaves [num_layers, ...]) the same rules apply to the
-trailing dims and the leading dim gets the logical axis "layers".
+NamedSharding. Rules match below any prefix ("params/", "opt/.../mu/" of a train state).
+A dim whose size does not divide by its mesh axes' size, or whose mesh axis is already used
+by an earlier dim, is replicated instead (logged, never an error); leaves no rule matches
+are replicated. LoRA factors follow their kernel: ``.../kernel/a [in, r]`` shards like the
+kernel's input dim, ``.../kernel/b [r, out]`` like its output dim (logical axis "lora" for
+r). In a scanned stack (`.../layers/...`, leaves [num_layers, ...]) the same rules apply to
+the trailing dims and the leading dim gets the logical axis "layers".
 
 Multi-host: `initialize()` calls `jax.distributed.initialize` when the environment names
 several processes (CDX_COORDINATOR/CDX_NUM_PROCESSES/CDX_PROCESS_ID, SLURM with more than
@@ -29,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,12 +40,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cdx.train import params as P
+from cdx import paths
 
 PyTree = Any
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# Logical axis -> mesh axes; the config's `mesh.axis_map` replaces it (docs/CONFIG.md).
 DEFAULT_AXIS_MAP: dict[str, Any] = {
     "batch": BATCH_AXES,
     "embed": "fsdp",
@@ -54,39 +59,7 @@ DEFAULT_AXIS_MAP: dict[str, Any] = {
     "layers": None,  # the layer axis of a scanned stack: every device holds all layers
 }
 
-_ATTN_IN = r"attn/(q|k|v)"
-_ATTN_OUT = r"attn/o"
-_MLP_IN = r"mlp/(gate|up)"
-_MLP_OUT = r"mlp/down"
-
-# Default rules for the LLaVA tree of docs/ARCHITECTURE.md, also under a prefix such as
-# "params/" or "opt/.../mu/" (a train state). The vision tower uses the same layer names
-# under `vision/` (fc1/fc2 for its MLP); adapter and post-connector shard their output dim.
-DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
-    # LoRA factors (before kernels: their paths end in /kernel/a|b).
-    (rf".*/({_ATTN_IN}|{_MLP_IN}|mlp/fc1)/kernel/a", ("embed", "lora")),
-    (rf".*/({_ATTN_IN})/kernel/b", ("lora", "heads")),
-    (rf".*/({_MLP_IN}|mlp/fc1)/kernel/b", ("lora", "mlp")),
-    (rf".*/({_ATTN_OUT})/kernel/a", ("heads", "lora")),
-    (rf".*/({_MLP_OUT}|mlp/fc2)/kernel/a", ("mlp", "lora")),
-    (rf".*/({_ATTN_OUT}|{_MLP_OUT}|mlp/fc2)/kernel/b", ("lora", "embed")),
-    (r".*/kernel/a", ("embed", "lora")),
-    (r".*/kernel/b", ("lora", "embed")),
-    # Decoder / encoder layers.
-    (rf".*/{_ATTN_IN}/kernel", ("embed", "heads")),
-    (rf".*/{_ATTN_IN}/bias", ("heads",)),
-    (rf".*/{_ATTN_OUT}/kernel", ("heads", "embed")),
-    (rf".*/({_MLP_IN}|mlp/fc1)/kernel", ("embed", "mlp")),
-    (r".*/mlp/fc1/bias", ("mlp",)),
-    (rf".*/({_MLP_OUT}|mlp/fc2)/kernel", ("mlp", "embed")),
-    (r"(.*/)?llm/embed/embedding", ("vocab", "embed")),
-    (r"(.*/)?llm/lm_head/kernel", ("embed", "vocab")),
-    # Adapter (vision -> LLM) and TAF post-connector: shard the output (LLM) dim.
-    (r"(.*/)?(adapter|post)(/.*)?/kernel", (None, "mlp")),
-    (r"(.*/)?(adapter|post)(/.*)?/bias", ("mlp",)),
-    # Norm scales/biases and everything else: replicated.
-    (r".*", None),
-)
+_LORA_FACTOR = re.compile(r"(.*/kernel)/(a|b)")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -112,6 +85,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                      f"does not equal the device count {len(devices)}.")
   return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                        devices=devices)
+
+
+def check_axis_map(axis_map: Mapping[str, Any]) -> dict[str, Any]:
+  """`axis_map` as a dict of logical axis -> None / mesh axis / tuple of mesh axes;
+  ValueError naming the entry when a value is none of these. Command-line overrides of
+  a str field stay strings, so the string "none" means None and "fsdp,tensor" a tuple."""
+  out = {}
+  for name, mapped in dict(axis_map).items():
+    if isinstance(mapped, str) and mapped.lower() == "none":
+      mapped = None
+    elif isinstance(mapped, str) and "," in mapped:
+      mapped = tuple(a.strip() for a in mapped.split(","))
+    axes = () if mapped is None else (mapped,) if isinstance(mapped, str) else mapped
+    if not isinstance(axes, (tuple, list)) or any(a not in AXES for a in axes):
+      raise ValueError(f"mesh.axis_map.{name}={mapped!r}: use None, one of {AXES} or a "
+                       "tuple of them.")
+    out[name] = mapped if mapped is None or isinstance(mapped, str) else tuple(mapped)
+  return out
 
 
 def _mesh_axes(logical: Any, axis_map: Mapping[str, Any]) -> tuple[str, ...]:
@@ -148,26 +139,38 @@ def logical_to_spec(path: str, shape: Sequence[int], logical: Sequence[Any] | No
   return PartitionSpec(*spec)
 
 
-def param_specs(tree: PyTree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+def _logical(path: str, rules: Sequence[tuple[str, Any]]) -> tuple | None:
+  """Logical axes of the leaf at `path` (below any prefix), None when replicated."""
+  hit = paths.first_match(path, rules)
+  if hit is not None:
+    return None if hit[1] is None else tuple(hit[1])
+  factor = _LORA_FACTOR.fullmatch(path)
+  if factor:  # A LoRA factor: one of its kernel's dims, and the rank.
+    kernel = _logical(factor[1], rules)
+    if kernel is not None and len(kernel) == 2:
+      return (kernel[0], "lora") if factor[2] == "a" else ("lora", kernel[1])
+  return None
+
+
+def param_specs(tree: PyTree, mesh: Mesh, logical_axes: Sequence[tuple[str, Any]],
                 axis_map: Mapping[str, Any] = DEFAULT_AXIS_MAP) -> PyTree:
   """Tree of PartitionSpec for a tree of arrays / ShapeDtypeStructs."""
+  rules = [(f"(?:.*/)?(?:{regex})", axes) for regex, axes in logical_axes]
 
   def spec(kp, x):
-    path = P.path_str(kp)
-    hit = P.first_match(path, rules)
-    logical = None if hit is None or hit[1] is None else tuple(hit[1])
-    if logical is not None and P.is_stacked(path):  # A scanned stack's leading layer axis.
+    path = paths.path_str(kp)
+    logical = _logical(path, rules)
+    if logical is not None and paths.is_stacked(path):  # A scanned stack's layer axis.
       logical = ("layers",) + logical
     return logical_to_spec(path, x.shape, logical, mesh, axis_map)
 
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def param_shardings(tree: PyTree, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+def param_shardings(tree: PyTree, mesh: Mesh, logical_axes: Sequence[tuple[str, Any]],
                     axis_map: Mapping[str, Any] = DEFAULT_AXIS_MAP) -> PyTree:
   """Tree of NamedSharding mirroring `tree` (see module docstring)."""
-  specs = param_specs(tree, mesh, rules, axis_map)
+  specs = param_specs(tree, mesh, logical_axes, axis_map)
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from cdx import parallel  # The default logical -> mesh axis map.
 from cdx.config import parse_arg
 
 PRESETS = ("tiny", "paper")
@@ -190,7 +191,9 @@ def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
   c.data = data(preset, data_kind)
 
   # Hardware.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Sizes of the mesh axes, and which of them each logical param axis shards over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          axis_map=dict(parallel.DEFAULT_AXIS_MAP)))
   c.param_dtype = "float32"
   c.compute_dtype = "float32" if is_tiny else "bfloat16"
   # Decoder-layer rematerialization: "none" or a jax.checkpoint_policies name

@@ -179,6 +179,7 @@ def test_paper_run_without_data_or_weights_says_what_to_set(capsys, tmp_path):
     ("--config.mesh.fsdp=3", r"mesh .*8 devices"),
     ("--config.batch_size=12", r"batch_size=12 must be divisible by mesh data\*fsdp=8"),
     ("--config.micro_batches=3", r"batch_size=16 .* micro_batches=3"),
+    ("--config.mesh.axis_map.embed=fdsp", r"mesh\.axis_map\.embed='fdsp'"),
 ])
 def test_mesh_or_batch_that_does_not_divide_is_a_clear_error(capsys, tmp_path, override,
                                                             message):

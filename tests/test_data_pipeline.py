@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -262,13 +261,3 @@ def test_cli_prints_one_json_object(bad):
   report = json.loads(out.stdout)
   assert report["total"] == total and report["reasons"] == reasons
 
-
-def test_to_global_arrays(good, tok):
-  path, root = good
-  (batch,) = _take(_iter(path, root, tok, batch_size=8), 1)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  arrays = pipeline.to_global_arrays(batch, sharding)
-  for k, v in batch.items():
-    assert arrays[k].shape == v.shape and np.array_equal(np.asarray(arrays[k]), v)
-    assert arrays[k].sharding == sharding

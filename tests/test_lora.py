@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
+from cdx import paths as paths_lib
 from cdx.models import mllm
 from cdx.train import lora as L
-from cdx.train import params as P
 from configs.common import LLM_LINEARS
 
 RANK, ALPHA = 4, 8.0
@@ -44,14 +44,14 @@ def forward_unmerged(params, lora, x):
 def randomize_b(lora, key):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
   new = [jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-         if P.path_str(kp).endswith("/b") else x for i, (kp, x) in enumerate(leaves)]
+         if paths_lib.path_str(kp).endswith("/b") else x for i, (kp, x) in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def test_default_targets_and_init():
   params = toy_params(jax.random.key(0))
   lora = L.init_lora(params, LLM_LINEARS, RANK, ALPHA, jax.random.key(1))
-  paths = sorted(jax.tree_util.tree_leaves(P.tree_paths(lora)))
+  paths = sorted(paths_lib.leaf_paths(lora))
   assert paths == ["llm/layers_0/mlp/down/kernel/a", "llm/layers_0/mlp/down/kernel/b",
                    "llm/layers_0/mlp/up/kernel/a", "llm/layers_0/mlp/up/kernel/b"]
   up = lora["llm"]["layers_0"]["mlp"]["up"]["kernel"]

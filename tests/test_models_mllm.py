@@ -152,9 +152,6 @@ def test_connector_gelu_is_exact_erf():
   want = torch.nn.functional.gelu(torch.from_numpy(np.array(h))).numpy()
   want = want @ np.asarray(p["fc2"]["kernel"]) + np.asarray(p["fc2"]["bias"])
   np.testing.assert_allclose(mod.apply({"params": p}, x), want, atol=1e-6)
-  with pytest.raises(ValueError, match="mlp2x_gelu"):
-    adapter.parse_connector("mlp2x_relu")
-  assert adapter.parse_connector("mlp3x_gelu") == 3
 
 
 def test_greedy_generation_with_kv_cache_matches_hf(llava):

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+from cdx import paths as P
 from cdx.train import optim as O
-from cdx.train import params as P
 
 
 def tree():

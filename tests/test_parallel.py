@@ -9,12 +9,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from cdx import parallel
+from cdx.models import mllm
 from cdx.train import lora as L
 from cdx.train import optim as O
-from cdx.train import params as P
 from tests.multiprocess import run_workers
 
 D, F, V, B = 16, 32, 24, 16
+AXES = mllm.LOGICAL_AXES
 
 
 def mlp_params(key=0):
@@ -81,7 +82,7 @@ def test_default_specs_on_2x2x2():
           "adapter": {"fc1": {"kernel": jnp.zeros((12, d)), "bias": jnp.zeros((d,))}}}
   lora = L.init_lora(tree, [r"llm/layers_0/(attn/q|mlp/down)/kernel"], 4, 8.0,
                      jax.random.key(0))
-  specs = parallel.param_specs({"base": tree, "lora": lora}, mesh)
+  specs = parallel.param_specs({"base": tree, "lora": lora}, mesh, AXES)
   s = specs["base"]["llm"]
   assert s["layers_0"]["attn"]["q"]["kernel"] == PS("fsdp", "tensor")
   assert s["layers_0"]["attn"]["q"]["bias"] == PS("tensor")
@@ -101,13 +102,13 @@ def test_default_specs_on_2x2x2():
   tx = O.make_optimizer({"lr": 1e-3}, 10, jax.eval_shape(lambda: diff))
   state = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": tree,
                                   "lora": lora, "opt": tx.init(diff)})
-  st = parallel.param_specs(state, mesh)
+  st = parallel.param_specs(state, mesh, AXES)
   mu = st["opt"].inner[1][0].mu
   assert mu[0]["llm"]["layers_0"]["attn"]["q"]["kernel"] == PS("fsdp", "tensor")
   assert mu[1]["llm"]["layers_0"]["mlp"]["down"]["kernel"]["b"] == PS(None, "fsdp")
   assert st["params"]["llm"]["lm_head"]["kernel"] == PS("fsdp", "tensor")
   assert st["step"] == PS()
-  sh = parallel.param_shardings(tree, mesh)
+  sh = parallel.param_shardings(tree, mesh, AXES)
   assert isinstance(sh["llm"]["lm_head"]["kernel"], NamedSharding)
   assert parallel.batch_sharding(mesh).spec == PS(("data", "fsdp"))
 
@@ -116,7 +117,7 @@ def test_non_divisible_dims_fall_back_to_replication():
   mesh = parallel.make_mesh(1, 4, 2)
   tree = {"llm": {"layers_0": {"mlp": {"up": {"kernel": jnp.zeros((6, 10))}}},
                   "lm_head": {"kernel": jnp.zeros((8, 7))}}}
-  specs = parallel.param_specs(tree, mesh)
+  specs = parallel.param_specs(tree, mesh, AXES)
   assert specs["llm"]["layers_0"]["mlp"]["up"]["kernel"] == PS(None, "tensor")  # 6 % 4 != 0
   assert specs["llm"]["lm_head"]["kernel"] == PS("fsdp", None)  # 7 % 2 != 0
   # A rule whose two dims map to the same mesh axis keeps only the first.
@@ -127,7 +128,7 @@ def test_non_divisible_dims_fall_back_to_replication():
 
 
 def test_one_device_mesh_replicates_everything():
-  specs = parallel.param_specs(mlp_params(), parallel.make_mesh(8, 1, 1))
+  specs = parallel.param_specs(mlp_params(), parallel.make_mesh(8, 1, 1), AXES)
   assert all(all(a is None for a in s) for s in jax.tree_util.tree_leaves(
       specs, is_leaf=lambda x: isinstance(x, PS)))
 
@@ -153,7 +154,7 @@ def test_sharded_step_matches_single_device(shape):
   mesh = parallel.make_mesh(*shape)
   params, batch = mlp_params(), mlp_batch()
   tx = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}, 10, params)
-  p_sh = parallel.param_shardings(params, mesh)
+  p_sh = parallel.param_shardings(params, mesh, AXES)
   st_sh = parallel.state_shardings(jax.eval_shape(tx.init, params), p_sh, mesh)
   p = parallel.shard_tree(params, p_sh)
   st = jax.jit(tx.init, out_shardings=st_sh)(p)
@@ -194,6 +195,7 @@ def test_single_process_helpers(monkeypatch):
 
 _WORKER = """
 from cdx import parallel
+from cdx.models import mllm
 parallel.initialize(cpu_collectives="gloo")
 import jax, jax.numpy as jnp, numpy as np
 mesh = parallel.make_mesh(-1, 1, 1)

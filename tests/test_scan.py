@@ -186,7 +186,7 @@ def test_lora_and_sharding_rules_on_stacked_leaves():
   _close(stack.unstack_layers(merged["llm"]), merged_each["llm"], rtol=1e-6, atol=1e-7)
 
   mesh = parallel.make_mesh(2, 2, 2)
-  specs = parallel.param_specs({"llm": p["llm"], "lora": lora}, mesh)
+  specs = parallel.param_specs({"llm": p["llm"], "lora": lora}, mesh, mllm.LOGICAL_AXES)
   P = jax.sharding.PartitionSpec
   assert specs["llm"]["layers"]["mlp"]["gate"]["kernel"] == P(None, "fsdp", "tensor")
   assert specs["llm"]["layers"]["attn"]["o"]["kernel"] == P(None, "tensor", "fsdp")

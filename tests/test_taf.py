@@ -1,10 +1,12 @@
-"""Tests for cdx.distill.taf: post-connector init, TAF student assembly, export folding."""
+"""TAF: post-connector init, TAF student assembly, and the export fold of the post-connector
+into the adapter (cdx.models.adapter.fold_post_connector)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cdx.distill import taf
+from cdx.models import adapter as adapter_lib
 
 
 def _adapter(seed, d_in, d_out, scale=0.3):
@@ -79,7 +81,7 @@ def test_fold_post_connector_equals_composition():
   post = taf.init_post_connector(jax.random.key(5), 9, 5)
   post = {k: np.asarray(v) for k, v in post.items()}
   x = np.random.default_rng(5).normal(size=(3, 4, 7)).astype(np.float32)
-  folded = taf.fold_post_connector(adapter, post)
+  folded = adapter_lib.fold_post_connector(adapter, post)
   assert folded["fc1"] is adapter["fc1"]
   assert folded["fc2"]["kernel"].shape == (9, 5) and folded["fc2"]["bias"].shape == (5,)
   want = _apply_adapter(adapter, x) @ post["kernel"] + post["bias"]
@@ -90,4 +92,4 @@ def test_fold_post_connector_shape_mismatch():
   adapter = _adapter(6, 7, 9)
   post = taf.init_post_connector(jax.random.key(7), 8, 5)
   with pytest.raises(ValueError, match="post-connector"):
-    taf.fold_post_connector(adapter, post)
+    adapter_lib.fold_post_connector(adapter, post)

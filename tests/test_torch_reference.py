@@ -18,13 +18,14 @@ import pytest
 import torch
 
 import test_step as T
+from cdx import paths as paths_lib
 from cdx.distill import losses
 from cdx.distill import taf
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
-from cdx.train import params as params_lib
 from cdx.train import reference
 from cdx.train import step as step_lib
+from configs.common import LLM_LINEARS
 from launch import torch_reference as R
 
 RTOL = 1e-3  # The comparison bench.py needs; the observed gap is < 1e-6.
@@ -46,7 +47,7 @@ def _setup() -> T.Setup:
   ids = dict(image_token_id=T.IMG, pad_token_id=T.PAD, eos_token_id=T.EOS)
   t_cfg = mllm.make_config(VISION, T.TEACHER, **ids)
   s_cfg = mllm.make_config(VISION, T.STUDENT, **ids)
-  rules = params_lib.stage_rules("dft")
+  rules = {"trainable": (r"post/.*",), "lora_targets": LLM_LINEARS}  # configs/dft.py
 
   key = T._key  # pylint: disable=protected-access
 
@@ -67,8 +68,8 @@ def _setup() -> T.Setup:
           layer["attn"][p]["kernel"] = layer["attn"][p]["kernel"] * SHARPEN
   s_cfg = dataclasses.replace(s_cfg, post_connector_in=T.TEACHER["hidden_size"],
                               adapter_depth=t_cfg.adapter_depth)
-  mask = params_lib.select(student, rules["trainable"], strict=True)
-  trainable, frozen = params_lib.partition(student, mask)
+  mask = paths_lib.select(student, rules["trainable"], strict=True)
+  trainable, frozen = paths_lib.partition(student, mask)
   return T.Setup(student_cfg=s_cfg, teacher_cfg=t_cfg, objective=OBJECTIVE,
                  lora_spec=step_lib.LoraSpec(T.RANK, T.ALPHA), trainable=trainable,
                  frozen=frozen, lora=lora,
@@ -84,7 +85,7 @@ def _inputs():
   lora = jax.tree_util.tree_map_with_path(
       lambda kp, x: (rng.normal(0, 0.05, x.shape).astype(np.float32)
                      if kp[-1].key == "b" else x), s.lora)
-  return s, params_lib.merge(s.trainable, s.frozen), lora, T.make_batch()
+  return s, paths_lib.merge(s.trainable, s.frozen), lora, T.make_batch()
 
 
 def _cdx_metrics() -> dict:

@@ -300,13 +300,3 @@ def make_pipeline(source: sources.LlavaSource, tokenizer, config: PipelineConfig
   return BatchIterator(it_ds, config, pad_id, issues if pi == 0 else [],
                        epoch_size=-(-len(source) // pc), name=name)
 
-
-def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Per-process numpy batch → global jax.Arrays (leading axis = all processes' rows).
-
-  `sharding` is one `jax.sharding.Sharding` for every field or a dict field → sharding.
-  """
-  def one(name, x):
-    s = sharding[name] if isinstance(sharding, dict) else sharding
-    return jax.make_array_from_process_local_data(s, x)
-  return {name: one(name, x) for name, x in batch.items()}

@@ -6,15 +6,16 @@ A TAF student's param tree (docs/ARCHITECTURE.md) holds, besides its own `vision
   post:    the trainable post-connector {"kernel" [Dt, Ds], "bias" [Ds]}, teacher hidden ->
            student hidden, initialised like a fresh torch.nn.Linear.
 Since post is linear and follows the adapter's last Linear, the two fold into one Linear
-[Dt, Ds] for export (`fold_post_connector`, used by cdx/hf.py): the trained student becomes
-a plain mlp2x_gelu model whose intermediate width stays Dt (docs/EXPORT.md).
+[Dt, Ds] for export (`cdx.models.adapter.fold_post_connector`, used by cdx/hf.py): the trained
+student becomes a plain mlp2x_gelu model whose intermediate width stays Dt (docs/EXPORT.md).
 Which subtrees train is decided by the train config's path regexes, not here.
 """
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from cdx.models import adapter as adapter_lib
 
 Params = dict[str, Any]
 
@@ -37,14 +38,6 @@ def init_post_connector(rng: jax.Array, teacher_hidden: int, student_hidden: int
   return {"kernel": kernel.astype(dtype), "bias": bias.astype(dtype)}
 
 
-def _last_linear(adapter_params: Params) -> str:
-  """Name of the adapter's final Linear (fc2 for mlp2x_gelu; fcN for deeper adapters)."""
-  names = [k for k in adapter_params if re.fullmatch(r"fc\d+", k)]
-  if not names:
-    raise ValueError(f"adapter params have no fcN layers (keys: {sorted(adapter_params)}).")
-  return max(names, key=lambda k: int(k[2:]))
-
-
 def _student_hidden(student_params: Params) -> int:
   try:
     return int(student_params["llm"]["embed"]["embedding"].shape[1])
@@ -61,7 +54,7 @@ def make_taf_student(student_params: Params, teacher_params: Params,
   if "adapter" not in teacher_params:
     raise ValueError("teacher_params have no 'adapter' subtree to fetch.")
   adapter = teacher_params["adapter"]
-  teacher_out = int(adapter[_last_linear(adapter)]["kernel"].shape[1])
+  teacher_out = int(adapter[adapter_lib.last_linear(adapter)]["kernel"].shape[1])
   student_adapter = student_params.get("adapter")
   if student_adapter is not None and "fc1" in student_adapter and "fc1" in adapter:
     s_in, t_in = student_adapter["fc1"]["kernel"].shape[0], adapter["fc1"]["kernel"].shape[0]
@@ -73,28 +66,4 @@ def make_taf_student(student_params: Params, teacher_params: Params,
   out = dict(student_params)
   out["adapter"] = adapter
   out["post"] = init_post_connector(rng, teacher_out, hidden, dtype)
-  return out
-
-
-def fold_post_connector(adapter_params: Params, post_params: Params) -> Params:
-  """Adapter params whose last Linear is post ∘ last: x W2 + b2 -> (x W2 + b2) P + c.
-
-  Folded kernel W2 P [H, Ds], bias b2 P + c; computed in float32, stored in W2's dtype.
-  Other layers are returned unchanged.
-  """
-  name = _last_linear(adapter_params)
-  last = adapter_params[name]
-  w2 = last["kernel"].astype(jnp.float32)
-  p = post_params["kernel"].astype(jnp.float32)
-  if w2.shape[1] != p.shape[0]:
-    raise ValueError(f"adapter {name} outputs {w2.shape[1]} features but the post-connector "
-                     f"takes {p.shape[0]}.")
-  b2 = last["bias"].astype(jnp.float32) if "bias" in last else jnp.zeros(w2.shape[1])
-  c = post_params["bias"].astype(jnp.float32) if "bias" in post_params \
-      else jnp.zeros(p.shape[1])
-  hi = jax.lax.Precision.HIGHEST
-  dtype = last["kernel"].dtype
-  out = dict(adapter_params)
-  out[name] = {"kernel": jnp.matmul(w2, p, precision=hi).astype(dtype),
-               "bias": (jnp.matmul(b2, p, precision=hi) + c).astype(dtype)}
   return out

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdx import paths as paths_lib
 from cdx.models import adapter as adapter_lib
 from cdx.models import qwen
 from cdx.models import siglip
@@ -141,6 +142,18 @@ def visual_positions(input_ids: jax.Array, image_token_id: int,
   return pos.astype(jnp.int32), is_img.any(-1)
 
 
+def _under(part: str, rules: tuple) -> tuple:
+  return tuple((f"{part}/(?:{regex})", axes) for regex, axes in rules)
+
+
+# Logical axes of every param dim, by path regex below the MLLM's params: each part's own
+# table under its name (cdx/parallel.py maps them onto the mesh; docs/CONFIG.md `mesh`).
+LOGICAL_AXES = (_under("vision", siglip.LOGICAL_AXES)
+                + _under("adapter", adapter_lib.CONNECTOR_AXES)
+                + _under("post", adapter_lib.POST_AXES)
+                + _under("llm", qwen.LOGICAL_AXES))
+
+
 def _dtypes(cfg: MllmConfig):
   return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -196,8 +209,7 @@ def _lora_variables(lora: dict | None) -> dict:
   """The decoder's "lora" collection from a LoRA tree {"llm": ...}; checks every path."""
   if not lora:
     return {}
-  paths = ["/".join(str(getattr(k, "key", k)) for k in kp)
-           for kp, _ in jax.tree_util.tree_flatten_with_path(lora)[0]]
+  paths = paths_lib.leaf_paths(lora)
   bad = [p for p in paths if not (p.startswith("llm/") and _FACTORED.fullmatch(p[4:]))]
   if bad:
     raise ValueError(f"LoRA factors at {bad[:4]} cannot be applied factored: only the "

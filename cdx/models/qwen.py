@@ -88,6 +88,19 @@ VARIANTS = {
     "qwen2.5-7b": _v(152064, 3584, 28, 28, 4, 18944),
 }
 
+# Logical axes of each param dim, by path regex below the decoder's params (first
+# fullmatch wins; leaves no rule names, the norms, are replicated). cdx/parallel.py maps
+# logical axes onto the mesh; a stacked leaf's leading axis is "layers".
+LOGICAL_AXES = (
+    (r"layers(_\d+)?/attn/(q|k|v)/kernel", ("embed", "heads")),
+    (r"layers(_\d+)?/attn/(q|k|v)/bias", ("heads",)),
+    (r"layers(_\d+)?/attn/o/kernel", ("heads", "embed")),
+    (r"layers(_\d+)?/mlp/(gate|up)/kernel", ("embed", "mlp")),
+    (r"layers(_\d+)?/mlp/down/kernel", ("mlp", "embed")),
+    (r"embed/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+
 
 def get_config(name_or_dict: "str | dict | QwenConfig") -> QwenConfig:
   """A variant name from VARIANTS (case-insensitive), a dict of fields, or a config."""

@@ -57,6 +57,17 @@ VARIANTS = {
                                       num_layers=24, num_heads=16, mlp_dim=4096),
 }
 
+# Logical axes of each param dim, by path regex below the encoder's params (as
+# qwen.LOGICAL_AXES; the patch embedding, positions and norms are replicated).
+LOGICAL_AXES = (
+    (r"layers(_\d+)?/attn/(q|k|v)/kernel", ("embed", "heads")),
+    (r"layers(_\d+)?/attn/(q|k|v)/bias", ("heads",)),
+    (r"layers(_\d+)?/attn/o/kernel", ("heads", "embed")),
+    (r"layers(_\d+)?/mlp/fc1/kernel", ("embed", "mlp")),
+    (r"layers(_\d+)?/mlp/fc1/bias", ("mlp",)),
+    (r"layers(_\d+)?/mlp/fc2/kernel", ("mlp", "embed")),
+)
+
 
 def get_config(name_or_dict: "str | dict | SiglipConfig") -> SiglipConfig:
   """A variant name from VARIANTS, a dict of SiglipConfig fields, or a config."""

@@ -258,7 +258,12 @@ def build(cfg, workdir: str) -> Setup:
   try:
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   except ValueError as e:
-    raise UserError(f"mesh {dict(cfg.mesh)} on {n_dev} devices: {e}") from None
+    sizes = {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}
+    raise UserError(f"mesh {sizes} on {n_dev} devices: {e}") from None
+  try:
+    axis_map = parallel.check_axis_map(cfg.mesh.get("axis_map", parallel.DEFAULT_AXIS_MAP))
+  except ValueError as e:
+    raise UserError(str(e)) from None
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.batch_size % (shards * cfg.micro_batches):
     raise UserError(f"batch_size={cfg.batch_size} must be divisible by mesh data*fsdp="
@@ -340,7 +345,8 @@ def build(cfg, workdir: str) -> Setup:
   train_step = step_lib.make_train_step(model_cfg, teacher_cfg, objective, tx, schedule,
                                         lora_spec, cfg.micro_batches)
   # Shardings: params by path rules, optimizer moments like their params (step.py).
-  step_fn, sh = step_lib.jit_train_step(train_step, mesh, state, frozen, teacher)
+  step_fn, sh = step_lib.jit_train_step(train_step, mesh, state, frozen, teacher,
+                                        axis_map)
   state = parallel.shard_tree(state, sh.state)
   frozen = parallel.shard_tree(frozen, sh.frozen)
   if teacher is not None:

@@ -1,6 +1,6 @@
 """LoRA factors: they live beside the frozen weights and are applied factored in the step.
 
-For every targeted 2-D kernel ``W [in, out]`` (path rules as in `cdx.train.params`) the
+For every targeted 2-D kernel ``W [in, out]`` (path rules as in `cdx.paths`) the
 LoRA tree holds ``{"a": [in, r], "b": [r, out]}`` at the kernel's own path, i.e. it mirrors
 the param tree with each targeted kernel leaf replaced by a dict:
 
@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cdx.train import params as P
+from cdx import paths as P
 
 PyTree = Any
 

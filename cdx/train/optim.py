@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdx.train import params as P
+from cdx import paths as P
 
 PyTree = Any
 

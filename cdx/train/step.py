@@ -232,32 +232,37 @@ class StepShardings:
 
 
 def step_shardings(mesh: jax.sharding.Mesh, state: PyTree, frozen: PyTree,
-                   teacher: PyTree | None) -> StepShardings:
-  """Shardings for `init_state`'s layout; trees may hold arrays or ShapeDtypeStructs."""
+                   teacher: PyTree | None,
+                   axis_map: dict = parallel.DEFAULT_AXIS_MAP) -> StepShardings:
+  """Shardings for `init_state`'s layout; trees may hold arrays or ShapeDtypeStructs.
+
+  Params shard by the MLLM's logical axes (`mllm.LOGICAL_AXES`) mapped by `axis_map`."""
   missing = {"step", "params", "lora", "opt", "rng", "nonfinite"} - set(state)
   if missing:
     raise ValueError(f"state lacks {sorted(missing)}; build it with step.init_state.")
   rep = parallel.replicated(mesh)
   # Optimizer moments mirror (params, lora), so they shard exactly like them.
-  diff_sh = parallel.param_shardings((state["params"], state["lora"]), mesh)
+  param_sh = lambda tree: parallel.param_shardings(tree, mesh, mllm.LOGICAL_AXES, axis_map)
+  diff_sh = param_sh((state["params"], state["lora"]))
   state_sh = {k: rep for k in state}
   state_sh.update(params=diff_sh[0], lora=diff_sh[1],
                   opt=parallel.state_shardings(state["opt"], diff_sh, mesh))
   return StepShardings(
-      state=state_sh, frozen=parallel.param_shardings(frozen, mesh),
-      teacher=None if teacher is None else parallel.param_shardings(teacher, mesh),
+      state=state_sh, frozen=param_sh(frozen),
+      teacher=None if teacher is None else param_sh(teacher),
       batch=parallel.batch_sharding(mesh), metrics=rep)
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: PyTree,
-                   frozen: PyTree, teacher: PyTree | None
+                   frozen: PyTree, teacher: PyTree | None,
+                   axis_map: dict = parallel.DEFAULT_AXIS_MAP
                    ) -> tuple[Callable, StepShardings]:
   """(jitted `train_step`, its shardings): the one way a step is compiled for a mesh.
 
   The state argument is donated (its buffers are reused for the new state): keep host
   copies of anything needed after the call. Place inputs with `parallel.shard_tree`.
   """
-  sh = step_shardings(mesh, state, frozen, teacher)
+  sh = step_shardings(mesh, state, frozen, teacher, axis_map)
   fn = jax.jit(train_step, in_shardings=(sh.state, sh.frozen, sh.teacher, sh.batch),
                out_shardings=(sh.state, sh.metrics), donate_argnums=(0,),
                compiler_options=compiler_options(mesh.devices.flat[0].platform))
