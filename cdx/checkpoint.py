@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -79,6 +80,20 @@ def _as_abstract(tree: Any) -> Any:
     return x
 
   return jax.tree.map(leaf, tree)
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+  """Orbax logs a failed background save with its traceback, then raises the error again
+  where StageCheckpointer turns it into a one-line CheckpointError: keep the log line,
+  drop the traceback."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_ORBAX_LOG_FILTER = _NoOrbaxTracebacks()
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -213,6 +228,7 @@ class StageCheckpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=_ITEMS)
+    logging.getLogger("absl").addFilter(_ORBAX_LOG_FILTER)  # Idempotent.
     self._async = async_save
     self._pending = None  # Step of the last save, until it is known to be written.
     self._failed = False  # A save failed and was reported: close() stays quiet.
@@ -258,6 +274,8 @@ class StageCheckpointer:
     if self._pending is None or self._manager.is_saving_in_progress():
       return
     try:
+      # Finished: this returns at once, raising what the commit thread hit.
+      self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(e) from None
