@@ -195,3 +195,43 @@ def test_other_save_errors_name_the_cause(tmp_path, monkeypatch):
                      match="step 1 .* PermissionError.*no earlier checkpoint"):
     c.save(1, _state(1))
   c.close()
+
+
+# ------------------------------------------------------------------------ two processes
+
+_TWO_PROCESS_WORKER = """
+import os
+from cdx import parallel
+parallel.initialize(cpu_collectives="gloo")
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cdx import checkpoint
+directory = os.environ["CKPT_DIR"]
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+value = lambda s: np.arange(32, dtype=np.float32).reshape(8, 4) * s
+make = lambda s: jax.make_array_from_callback((8, 4), sharding, lambda i: value(s)[i])
+fingerprints = checkpoint.fingerprints
+with checkpoint.StageCheckpointer(directory, keep=None, async_save=False) as c:
+  c.save(1, {"w": make(1)}, data_state={"p": jax.process_index()})
+  # Step 2's arrays then differ from their recorded fingerprints, as after bit rot.
+  checkpoint.fingerprints = lambda t: {k: v ^ 1 for k, v in fingerprints(t).items()}
+  c.save(2, {"w": make(2)}, data_state={"p": jax.process_index()})
+  checkpoint.fingerprints = fingerprints
+abstract = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)}
+with checkpoint.StageCheckpointer(directory) as c:
+  step, state, data_state, _ = c.restore_latest_intact(abstract)
+  got = multihost_utils.process_allgather(state["w"], tiled=True)
+  emit({"step": step, "ok": bool(np.array_equal(np.asarray(got), value(step))),
+        "data": data_state, "steps": c.all_steps()})
+"""
+
+
+def test_two_processes_fall_back_to_the_same_step(tmp_path):
+  from tests import multiprocess
+  directory = str(tmp_path / "ckpt")
+  got = multiprocess.run_workers(_TWO_PROCESS_WORKER, local_devices=(2, 2), timeout=240,
+                                 env={"CKPT_DIR": directory})
+  # Both detect it (a collective check) and fall back; process 0 moves step 2 aside once.
+  assert got == [{"step": 1, "ok": True, "data": {"p": i}, "steps": [1]} for i in (0, 1)]
+  assert [n for n in os.listdir(directory) if n.startswith("damaged-2-")]
