@@ -201,6 +201,7 @@ def check_fresh_start(stage_dir: str, every_steps: int, restart: bool) -> str | 
         "--config.checkpoint.restart=True to move the old files to "
         f"{stage_dir}/old-<time>/ and train from step 0.")
   dest = os.path.join(stage_dir, "old-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+  _any_process(True)  # A barrier: every process has looked before anything moves.
   if jax.process_index() == 0:
     os.makedirs(dest)
     for name in found:
