@@ -204,8 +204,10 @@ def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
   c.scan_layers = not is_tiny
 
   # Outputs.
+  # restart: start from step 0 beside an earlier run whose checkpoints are gone (its
+  # logs/outputs are moved to <stage>/old-<time>/; docs/CHECKPOINTS.md).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if is_tiny else 500, keep=2,
-                                                async_save=True))
+                                                async_save=True, restart=False))
   c.log = ml_collections.ConfigDict(dict(every_steps=1 if is_tiny else 10, progress=True))
   c.export_hf = True
   c.halt_on_nonfinite = False

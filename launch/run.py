@@ -44,7 +44,8 @@ def main(argv=None) -> int:
   args, overrides, upstream = parse(sys.argv[1:] if argv is None else argv)
   # Imported late so that --help and config errors are instant.
   from cdx.data.templates import SampleError
-  from cdx.train import loop, stages
+  from cdx.checkpoint import CheckpointError
+  from cdx.train import guard, loop, stages
   try:
     try:  # Config problems are the user's to fix: no traceback.
       cfg = config_lib.load(args.config, overrides)
@@ -61,9 +62,13 @@ def main(argv=None) -> int:
       print(f"Stage '{cfg.name}' is already finished in {args.workdir}/{cfg.name} (DONE).")
     for stage_cfg in todo:
       loop.run_stage(stage_cfg, args.workdir)
-  except (stages.MissingInputError, loop.UserError, SampleError) as e:
+  except (stages.MissingInputError, loop.UserError, SampleError, CheckpointError,
+          guard.GuardError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except guard.Interrupted as e:  # SIGTERM/SIGINT: checkpointed, resumable.
+    print(e, file=sys.stderr)
+    return e.exit_code
   return 0
 
 

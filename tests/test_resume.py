@@ -195,3 +195,148 @@ def test_resume_with_nothing_left_reports_the_final_step(data, reference, tmp_pa
   assert json.load(open(os.path.join(workdir, "pretrain", "DONE")))["final_loss"] == \
       reference[STEPS]["loss"]
   assert sorted(_metrics(workdir)) == list(range(1, STEPS + 1))
+
+
+# ---------------------------------------------------------- signals, damage, disk, locks
+
+# After its first committed checkpoint the run writes <workdir>/ready and waits for
+# <workdir>/go: the test's signal lands inside the training loop, at a known step.
+_HANDSHAKE_AFTER_FIRST_CHECKPOINT = """
+import os, sys, time
+from cdx import checkpoint
+_save, _workdir = checkpoint.StageCheckpointer.save, sys.argv[2].split("=", 1)[1]
+def _save_then_wait(self, step, *a, **k):
+  saved = _save(self, step, *a, **k)
+  if saved and not os.path.exists(os.path.join(_workdir, "ready")):
+    self.wait()
+    open(os.path.join(_workdir, "ready"), "w").close()
+    for _ in range(6000):
+      if os.path.exists(os.path.join(_workdir, "go")):
+        break
+      time.sleep(0.05)
+  return saved
+checkpoint.StageCheckpointer.save = _save_then_wait
+"""
+
+
+def _start_paused(data, workdir):
+  """A run held still after its first checkpoint (step EVERY)."""
+  argv = _argv(data, workdir)
+  assert argv[1].startswith("--workdir=")  # The handshake reads it as sys.argv[2].
+  proc = subprocess.Popen(_cmd(argv, prelude=_HANDSHAKE_AFTER_FIRST_CHECKPOINT), cwd=ROOT,
+                          env=launcher.subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not os.path.exists(os.path.join(workdir, "ready")):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_at_the_next_step_and_resumes_bitwise(data, reference, tmp_path,
+                                                                 signum):
+  reference = reference[1]
+  workdir = str(tmp_path)
+  proc = _start_paused(data, workdir)
+  os.kill(proc.pid, signum)
+  open(os.path.join(workdir, "go"), "w").close()
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 128 + signum, err[-3000:]
+  # Signalled while step 3 was being saved: step 4 is checkpointed, then the run exits.
+  assert _steps(workdir) == [EVERY, EVERY + 1]
+  assert f"stopped by {signal.Signals(signum).name} after step {EVERY + 1}" in err
+  assert "Traceback" not in err
+  assert not os.path.exists(os.path.join(workdir, "pretrain", "DONE"))
+  assert sorted(_metrics(workdir)) == list(range(1, EVERY + 2))
+
+  out = _run(_argv(data, workdir))
+  assert f"resumed from step {EVERY + 1} " in out.stdout
+  rows = _metrics(workdir)
+  assert sorted(rows) == list(range(1, STEPS + 1))
+  assert all(rows[s] == reference[s] for s in range(EVERY + 2, STEPS + 1))
+
+
+def test_second_run_on_a_busy_workdir_fails_at_once(data, tmp_path):
+  workdir = str(tmp_path)
+  first = _start_paused(data, workdir)
+  try:
+    out = _run(_argv(data, workdir), check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"is in use by another run (pid {first.pid} on host" in out.stderr
+    assert "Traceback" not in out.stderr
+  finally:
+    first.kill()
+    first.communicate()
+  assert _steps(workdir) == [EVERY]  # The second run wrote nothing.
+  with open(os.path.join(workdir, "pretrain", "metrics.jsonl")) as f:
+    assert [json.loads(l)["step"] for l in f] == list(range(1, EVERY + 1))
+
+
+def test_damaged_newest_checkpoint_falls_back(data, reference, tmp_path):
+  workdir, reference = _copy(reference, tmp_path), reference[1]
+  for name in ("DONE", "summary.json"):
+    os.remove(os.path.join(workdir, "pretrain", name))
+  ckpts = os.path.join(workdir, "pretrain", "checkpoints")
+  for root, _, files in os.walk(os.path.join(ckpts, str(STEPS), "state")):
+    for name in files:
+      if os.path.basename(root) == "d":  # Truncate every array file.
+        path = os.path.join(root, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+  out = _run(_argv(data, workdir))
+  assert f"warning: checkpoint step {STEPS} is damaged" in out.stdout
+  assert "resumed from step 6 " in out.stdout
+  assert [n for n in os.listdir(ckpts) if n.startswith(f"damaged-{STEPS}-")]  # Kept.
+  rows = _metrics(workdir)
+  assert sorted(rows) == list(range(1, STEPS + 1))
+  assert all(rows[s] == reference[s] for s in (7, 8))
+
+
+def test_lost_checkpoints_never_cost_the_logs(data, reference, tmp_path):
+  workdir, reference = _copy(reference, tmp_path), reference[1]
+  stage = os.path.join(workdir, "pretrain")
+  for name in ("DONE", "checkpoints"):
+    shutil.rmtree(os.path.join(stage, name), ignore_errors=True)
+    if os.path.isfile(os.path.join(stage, name)):
+      os.remove(os.path.join(stage, name))
+  before = open(os.path.join(stage, "metrics.jsonl")).read()
+  out = _run(_argv(data, workdir), check=False)
+  assert out.returncode == 2 and "holds an earlier run" in out.stderr, out.stderr[-3000:]
+  assert "--config.checkpoint.restart=True" in out.stderr
+  assert open(os.path.join(stage, "metrics.jsonl")).read() == before
+
+  out = _run(_argv(data, workdir) + ["--config.checkpoint.restart=True"])
+  old = [n for n in os.listdir(stage) if n.startswith("old-")]
+  assert len(old) == 1 and open(os.path.join(stage, old[0], "metrics.jsonl")).read() == before
+  assert _metrics(workdir) == reference  # The new run from step 0, as before.
+
+
+# The commit (rename into place) of the step-6 checkpoint fails as on a full disk.
+_DISK_FULL_AT_6 = """
+import errno, os
+_rename = os.rename
+def _rename_or_full(src, dst, *a, **k):
+  if os.path.basename(str(dst)) == "6" and "checkpoints" in str(dst):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+  return _rename(src, dst, *a, **k)
+os.rename = _rename_or_full
+"""
+
+
+def test_disk_full_stops_at_the_failed_save(data, reference, tmp_path):
+  reference = reference[1]
+  workdir = str(tmp_path)
+  out = _run(_argv(data, workdir), prelude=_DISK_FULL_AT_6, check=False)
+  assert out.returncode == 2, out.stderr[-3000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "saving checkpoint step 6" in errors[0], out.stderr[-3000:]
+  assert "no space left" in errors[0] and "step 3 is the newest intact" in errors[0]
+  assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) < 8, out.stderr
+  assert _steps(workdir) == [3]
+  # The async save's error surfaces at the next step's save call: no step past 7 ran.
+  assert max(_metrics(workdir)) <= 7
+
+  out = _run(_argv(data, workdir))
+  assert "resumed from step 3 " in out.stdout
+  rows = _metrics(workdir)
+  assert all(rows[s] == reference[s] for s in range(4, STEPS + 1))

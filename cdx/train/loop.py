@@ -43,6 +43,7 @@ from cdx.data import tokenizer as tokenizer_lib
 from cdx.distill import layers as layers_lib
 from cdx.distill import taf
 from cdx.models import mllm
+from cdx.train import guard
 from cdx.train import lora as lora_lib
 from cdx.train import metrics as metrics_lib
 from cdx.train import optim
@@ -424,6 +425,7 @@ def run_stage(cfg, workdir: str) -> dict:
         return json.load(f)
     return ckpt_lib.read_done(stage_dir) or {}
   os.makedirs(stage_dir, exist_ok=True)
+  lock = guard.lock_stage(stage_dir)  # [guard] One run per stage dir (<stage>/LOCK).
   t0 = time.time()
   s = build(cfg, workdir)
   _check_layout(cfg, stage_dir)
@@ -448,16 +450,20 @@ def run_stage(cfg, workdir: str) -> dict:
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             s.state)
-    s.state, data_state, _ = checkpointer.restore(start, abstract_state=abstract)
+    # [guard] The newest step that restores intact; damaged newer ones are moved aside.
+    start, s.state, data_state, _ = checkpointer.restore_latest_intact(abstract)
     if data_state is not None:
       s.data.set_state(data_state)
     print(f"[{cfg.name}] resumed from step {start} ({stage_dir}/checkpoints/{start}).")
+  else:  # [guard] Never overwrite an earlier run's logs/outputs.
+    guard.check_fresh_start(stage_dir, cfg.checkpoint.every_steps, cfg.checkpoint.restart)
 
   writer = metrics_lib.MetricsWriter(stage_dir, total_steps=s.total_steps, resume_step=start,
                                      console=cfg.log.progress)
   last = _last_record(stage_dir) if start else {}  # What a resume with nothing left reports.
   count_tokens = jax.jit(lambda mask: jnp.sum(mask, dtype=jnp.int32))
   tokens = 0  # Global (all hosts) non-pad tokens since the last log, on device.
+  stop = guard.StopOnSignal(check_every=cfg.log.every_steps).install()  # [guard] signals
   try:
     for step in range(start, s.total_steps):
       batch = parallel.global_batch_array(next(s.data), s.mesh, cfg.batch_size)
@@ -476,11 +482,16 @@ def run_stage(cfg, workdir: str) -> dict:
         if run >= cfg.optim.max_nonfinite or (m["skipped"] and cfg.halt_on_nonfinite):
           raise UserError(f"[{cfg.name}] {run} non-finite step(s) in a row at step "
                           f"{done}: halting (lower optim.lr or check the data).")
+      stop_now = stop.agreed(done)  # [guard] SIGTERM/SIGINT: checkpoint now, then exit.
       checkpointer.save(done, s.state, data_state=s.data.get_state(),
                         meta={"stage": cfg.name, "step": done},
-                        force=done == s.total_steps)
+                        force=done == s.total_steps or stop_now)
+      if stop_now:  # [guard]
+        checkpointer.wait()  # [guard]
+        raise stop.interrupted(done, checkpointer.directory)  # [guard]
     checkpointer.wait()
   finally:
+    stop.restore()  # [guard]
     checkpointer.close()
 
   outputs = export_stage(s)
@@ -496,6 +507,8 @@ def run_stage(cfg, workdir: str) -> dict:
       ckpt_lib.write_json_atomic(os.path.join(stage_dir, metrics_lib.SUMMARY_FILE), summary)
   writer.close()
   ckpt_lib.mark_done(stage_dir, {"steps": s.total_steps, "final_loss": last.get("loss")})
+  if lock is not None:  # [guard]
+    lock.release()  # [guard]
   return summary
 
 
