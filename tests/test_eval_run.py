@@ -9,6 +9,8 @@ import pytest
 
 from cdx import checkpoint as ckpt_lib
 from cdx import hf
+from cdx.data import images as images_lib
+from cdx.data import templates
 from cdx.data import tokenizer as tokenizer_lib
 from cdx.data.synthetic import export
 from cdx.eval import generate as gen
@@ -82,6 +84,15 @@ def _model(stage):
   return run.load_model(stage["dir"], data_dir=stage["data"])
 
 
+def _prompt(model, item):
+  """ids, mask [1, L] and pixels [1, H, W, 3] of one item, unpadded."""
+  ids = templates.encode_prompt(item["prompt"], model.tokenizer, model.template,
+                                mllm.num_visual_tokens(model.cfg))["input_ids"][None]
+  pixels = images_lib.preprocess(images_lib.load_image(item["image"]),
+                                 model.cfg.vision.image_size)[None]
+  return ids, np.ones_like(ids), pixels
+
+
 @pytest.mark.slow
 def test_generate_batches_do_not_change_replies(stage):
   model, items = _model(stage), _items(stage, 2)
@@ -90,7 +101,7 @@ def test_generate_batches_do_not_change_replies(stage):
   batched = run.make_generate(model, batch_size=2, max_new_tokens=5)(items)  # pads a row
   assert one == batched and len(one) == 3 and all(isinstance(r, str) for r in one)
   # The reply is the tokenizer's decoding of gen.generate on the same prompt.
-  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  ids, mask, pixels = _prompt(model, items[0])
   tokens, lengths = gen.generate(model.cfg, model.params, ids, mask, pixels, 5,
                                  model.ids.eos, model.ids.pad)
   want = model.tokenizer.decode(np.asarray(tokens)[0, :int(lengths[0])].tolist(),
@@ -107,7 +118,7 @@ def test_score_is_probability_of_yes(stage):
   assert all(0.0 < p < 1.0 for p in one)
   yes = model.tokenizer(run.YES, add_special_tokens=False)["input_ids"]
   no = model.tokenizer(" No", add_special_tokens=False)["input_ids"]
-  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  ids, mask, pixels = _prompt(model, items[0])
   logp = np.asarray(gen.score_options(model.cfg, model.params, ids, mask, pixels, [yes, no],
                                       pad_id=model.ids.pad))
   assert math.isclose(one[0], float(np.exp(logp[0, 0])), rel_tol=1e-4)
