@@ -3,7 +3,7 @@
 Benchmarks (docs/EVALUATION.md has every layout and what each number means):
 
   python launch/eval.py --model=DIR --benchmark=sugarcrepe,pope,... --data=NAME=PATH
-                        [--data=NAME_images=DIR] [--limit=N] [--protocol=generate,likelihood]
+                        [--data=NAME_images=DIR] [--limit=N] [--protocol=generate,...]
                         [--batch_size=16] [--max_new_tokens=32] [--out=results] [--name=NAME]
                         [--missing=error|skip] [--fresh] [--no_progress]
 
@@ -13,7 +13,8 @@ Benchmarks (docs/EVALUATION.md has every layout and what each number means):
   and OUT/table.md (every model under OUT, with the paper's VQA and CR averages).
   --name defaults to the model folder's name. Protocols: generate (greedy replies),
   likelihood (P(" A") vs P(" B") for SugarCrepe, P(" Yes") for paired benchmarks),
-  caption (caption log-likelihood); each benchmark runs those it supports.
+  caption (caption log-likelihood); each benchmark runs those it supports (default
+  generate and likelihood, or caption for SugarCrepe++, which has neither).
 
 Synthetic world, seen and held-out combinations (no --benchmark):
 
@@ -46,8 +47,9 @@ def parse(argv):
   p.add_argument("--data", action="append", default=[],
                  help="NAME=PATH (repeatable); without --benchmark: the synthetic export")
   p.add_argument("--limit", type=int, help="items per benchmark / eval file (default all)")
-  p.add_argument("--protocol", default="generate,likelihood",
-                 help="comma-separated: generate, likelihood, caption")
+  p.add_argument("--protocol",
+                 help="comma-separated: generate, likelihood, caption (default: "
+                      "generate,likelihood, or caption where neither applies)")
   p.add_argument("--out", help="results folder (default results) / synthetic JSON file")
   p.add_argument("--name", help="model name under --out (default: the model folder name)")
   p.add_argument("--tokenizer", help="HF tokenizer dir (default: found beside the model)")
@@ -97,6 +99,15 @@ def _synthetic_export(eval_dir: str | None, model_dir: str) -> str:
   return os.path.join(candidates[-1], "data")
 
 
+def _protocols(flag: str | None, benchmark: str) -> list[str]:
+  from cdx.eval import protocols
+  if flag:
+    return _names(flag)
+  supported = protocols.tasks(benchmark)
+  default = [p for p in (protocols.GENERATE, protocols.LIKELIHOOD) if p in supported]
+  return default or list(supported)
+
+
 def benchmarks(args, model_dir: str) -> int:
   from cdx.eval import benchmarks as benchmarks_lib
   from cdx.eval import results
@@ -111,7 +122,8 @@ def benchmarks(args, model_dir: str) -> int:
   name = args.name or os.path.basename(model_dir)
   out_dir = os.path.join(args.out or "results", name)
   for ds in datasets:
-    r = results.evaluate_benchmark(model, ds, _names(args.protocol), out_dir, args.limit,
+    r = results.evaluate_benchmark(model, ds, _protocols(args.protocol, ds.name), out_dir,
+                                   args.limit,
                                    args.batch_size, args.max_new_tokens,
                                    progress=not args.no_progress, fresh=args.fresh)
     for protocol, value in r["headline"].items():

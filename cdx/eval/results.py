@@ -103,7 +103,8 @@ def read_log(path: str, settings: dict, fresh: bool = False) -> dict[str, list]:
 def _progress_bar(total: int, desc: str, show: bool):
   from tqdm import auto as tqdm   # only the CLI shows bars
   return tqdm.tqdm(total=total, desc=desc, unit="item", disable=not show, leave=True,
-                   smoothing=0.1)
+                   smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} "
+                   "[{elapsed}<{remaining}, {rate_fmt}]")
 
 
 def run_protocol(model: run.Model, dataset, items: list[dict], protocol: str, out_dir: str,
