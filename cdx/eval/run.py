@@ -1,10 +1,12 @@
-"""Evaluation driver: a trained model on the synthetic world's eval sets (seen + held-out).
+"""A model for evaluation: loading, the callables the scorers call, the synthetic driver.
 
   model = load_model("DIR/dft", data_dir="DIR/data")    # or an HF LLaVA dir
   results = evaluate_synthetic(model, "DIR/data", limit=20)
   write_results(results, "DIR/dft/eval.json")
 
-Serves the callables of `cdx.eval.scoring` with one model:
+`load_model` is the one way cdx/eval loads a model (stage dir or HF LLaVA dir). Benchmarks
+from local files run through `cdx.eval.results`; this module serves their callables
+with one model:
   generate(items) -> replies  prompts `qwen2_base` (`encode_prompt`, image first), greedy
                               <= 32 new tokens (docs/METHOD.md §9) in length-bucketed
                               batches (`cdx.eval.batching`), decoded with the tokenizer
@@ -12,6 +14,7 @@ Serves the callables of `cdx.eval.scoring` with one model:
   score(items) -> P(" Yes")   the probability of the answer " Yes" (its tokens, as the
                               template supervises answers) after the yes/no question
   logprob(units) -> [[log P]]  log-likelihood of each of a unit's "options" texts
+`measure_generation` times generation at several batch sizes (launch/eval.py --bench).
 Images: `cdx.data.images` preprocessing at the vision tower's size, cached per path.
 
 Results (JSON-ready; every metric a float in [0, 1]):
