@@ -294,3 +294,14 @@ def test_benchmark_cli_on_public_layouts(stage, tmp_path):
   assert cols == ["model", "mme", "pope", "sugarcrepe", "sugarcrepe (likelihood)",
                   "VQA avg", "CR avg"]
   assert cells["VQA avg"].endswith("(1/5)") and cells["CR avg"].endswith("(1/3)")
+
+
+@pytest.mark.slow
+def test_bench_reports_items_per_second(stage, capsys):
+  assert eval_cli.main([f"--model={stage['dir']}", "--bench=1,2", "--limit=2",
+                        "--max_new_tokens=3"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["items"] == 2 and report["same_replies"] is True
+  one, two = report["batch_sizes"]["1"], report["batch_sizes"]["2"]
+  assert one["speedup"] == 1.0 and one["items_per_s"] > 0 and two["items_per_s"] > 0
+  assert 0 < one["prompt_seconds"] and 0 < two["seconds"]
