@@ -109,3 +109,6 @@ def test_batch_16_gives_the_scores_of_batch_1(trained):
   one, sixteen = score(1), score(16)
   np.testing.assert_allclose(one, sixteen, rtol=1e-5, atol=1e-5)
   assert (one[:, 0] > one[:, 1]).mean() >= 0.5   # mostly, its own reply is likelier
+  # One-token continuations (one row per prompt) agree across batch sizes too.
+  conts = [[t["replies"][i][:1], t["replies"][(i + 1) % IMAGES][:1]] for i in t["image_ids"]]
+  np.testing.assert_allclose(score(1), score(16), rtol=1e-5, atol=1e-5)

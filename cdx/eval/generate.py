@@ -174,23 +174,21 @@ def generate(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask, pixe
 
 # ------------------------------------------------------------------------------ scoring
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_options"))
-def _score(cfg, params, input_ids, attention_mask, pixel_values, positions, targets,
-           valid, *, num_options):
-  """Sum over t of valid[r, t] * log P(targets[r, t] | hidden[r, positions[r, t]]) for
-  rows r = prompt b x option k (b-major); only those positions reach the LM head."""
+@functools.partial(jax.jit, static_argnames=("cfg", "rows_per_prompt"))
+def _token_logprobs(cfg, params, input_ids, attention_mask, pixel_values, positions,
+                    targets, *, rows_per_prompt):
+  """float32 [R, T]: log P(targets[r, t] | hidden[r, positions[r, t]]); rows come in
+  groups of rows_per_prompt per image. Only those positions reach the LM head."""
   image = _image_embeds(cfg, params, pixel_values)
-  if image is not None:  # vision once per prompt, shared by its K option rows
-    image = jnp.repeat(image, num_options, axis=0)
+  if image is not None:  # vision once per prompt, shared by its rows
+    image = jnp.repeat(image, rows_per_prompt, axis=0)
   embeds = mllm.embed(cfg, params, input_ids, image)
   hidden, _ = mllm.decode(cfg, params, embeds, attention_mask)
   h = jnp.take_along_axis(hidden, positions[..., None], axis=1)    # [R, T, D]
   kernel = mllm.lm_head_kernel(cfg, params).astype(h.dtype)
   logits = jnp.einsum("rtd,dv->rtv", h, kernel, preferred_element_type=jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  total = jnp.sum(jnp.where(valid, target, 0.0), axis=-1)
-  return total.reshape(-1, num_options)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -203,10 +201,10 @@ def score_continuations(cfg: mllm.MllmConfig, params: dict, input_ids, attention
   """float32 [B, K] log-likelihood of continuation k of prompt b, summed over its tokens.
 
   continuations: B lists (one per prompt) of K non-empty token-id sequences each, e.g.
-  the ids of two captions. One forward pass over B*K rows (prompt b's real tokens +
-  continuation k, right padded to a multiple of `length_multiple`, so that few shapes
-  compile); the vision tower runs once per prompt, and only the positions that predict a
-  continuation token reach the LM head.
+  the ids of two captions. One forward pass: when every continuation is one token (" A"
+  / " B", " Yes") over the B prompts, all K read at the prompt's last position; else over
+  B*K rows (prompt b's real tokens + continuation k). Rows are right padded to a multiple
+  of `length_multiple`, so that few shapes compile; the vision tower runs once per prompt.
   """
   _check_prompts(cfg, input_ids, attention_mask, pixel_values)
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
@@ -218,7 +216,18 @@ def score_continuations(cfg: mllm.MllmConfig, params: dict, input_ids, attention
                      f"same number (>= 1) of non-empty token id sequences; got "
                      f"{[[len(c) for c in row] for row in conts]!r}.")
   n = mask.sum(-1)
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
   longest = max(len(c) for row in conts for c in row)
+  if longest == 1:   # next-token scores: one row per prompt
+    width = _round_up(ids.shape[1], length_multiple)
+    rows = np.full((len(ids), width), pad_id, np.int32)
+    rows[:, :ids.shape[1]] = ids
+    row_mask = np.zeros_like(rows)
+    row_mask[:, :mask.shape[1]] = mask
+    positions = np.repeat((n - 1)[:, None], k, axis=1).astype(np.int32)
+    targets = np.asarray([[c[0] for c in row] for row in conts], np.int32)
+    return _token_logprobs(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
+                           jnp.asarray(positions), jnp.asarray(targets), rows_per_prompt=1)
   width = _round_up(int(n.max()) + longest, length_multiple)
   span = _round_up(longest, min(length_multiple, 8))
   rows = np.full((len(ids) * k, width), pad_id, np.int32)
@@ -233,10 +242,9 @@ def score_continuations(cfg: mllm.MllmConfig, params: dict, input_ids, attention
       # Token t of the continuation is predicted by the hidden state just before it.
       positions[r, :len(cont)] = np.arange(m - 1, end - 1)
       targets[r, :len(cont)], valid[r, :len(cont)] = cont, True
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-  return _score(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
-                jnp.asarray(positions), jnp.asarray(targets), jnp.asarray(valid),
-                num_options=k)
+  logp = _token_logprobs(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
+                         jnp.asarray(positions), jnp.asarray(targets), rows_per_prompt=k)
+  return jnp.where(jnp.asarray(valid), logp, 0.0).sum(-1).reshape(-1, k)
 
 
 def score_options(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask,
