@@ -9,6 +9,8 @@ import pytest
 
 from cdx import checkpoint as ckpt_lib
 from cdx import hf
+from cdx.data import images as images_lib
+from cdx.data import templates
 from cdx.data import tokenizer as tokenizer_lib
 from cdx.data.synthetic import export
 from cdx.eval import generate as gen
@@ -82,6 +84,15 @@ def _model(stage):
   return run.load_model(stage["dir"], data_dir=stage["data"])
 
 
+def _prompt(model, item):
+  """ids, mask [1, L] and pixels [1, H, W, 3] of one item, unpadded."""
+  ids = templates.encode_prompt(item["prompt"], model.tokenizer, model.template,
+                                mllm.num_visual_tokens(model.cfg))["input_ids"][None]
+  pixels = images_lib.preprocess(images_lib.load_image(item["image"]),
+                                 model.cfg.vision.image_size)[None]
+  return ids, np.ones_like(ids), pixels
+
+
 @pytest.mark.slow
 def test_generate_batches_do_not_change_replies(stage):
   model, items = _model(stage), _items(stage, 2)
@@ -90,7 +101,7 @@ def test_generate_batches_do_not_change_replies(stage):
   batched = run.make_generate(model, batch_size=2, max_new_tokens=5)(items)  # pads a row
   assert one == batched and len(one) == 3 and all(isinstance(r, str) for r in one)
   # The reply is the tokenizer's decoding of gen.generate on the same prompt.
-  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  ids, mask, pixels = _prompt(model, items[0])
   tokens, lengths = gen.generate(model.cfg, model.params, ids, mask, pixels, 5,
                                  model.ids.eos, model.ids.pad)
   want = model.tokenizer.decode(np.asarray(tokens)[0, :int(lengths[0])].tolist(),
@@ -107,7 +118,7 @@ def test_score_is_probability_of_yes(stage):
   assert all(0.0 < p < 1.0 for p in one)
   yes = model.tokenizer(run.YES, add_special_tokens=False)["input_ids"]
   no = model.tokenizer(" No", add_special_tokens=False)["input_ids"]
-  ids, mask, pixels, _ = next(run._batches(model, items[:1], 1, run._pixels_loader(model)))
+  ids, mask, pixels = _prompt(model, items[0])
   logp = np.asarray(gen.score_options(model.cfg, model.params, ids, mask, pixels, [yes, no],
                                       pad_id=model.ids.pad))
   assert math.isclose(one[0], float(np.exp(logp[0, 0])), rel_tol=1e-4)
@@ -142,3 +153,155 @@ def test_errors(stage, tmp_path, capsys):
     run.evaluate_synthetic(_model(stage), str(tmp_path))
   assert eval_cli.main([f"--model={tmp_path}", f"--data={stage['data']}"]) == 2
   assert "neither model.json" in capsys.readouterr().err
+
+
+def _numbers_close(a, b, path=""):
+  """a == b, floats to 1e-5 relative (a resumed run batches its prompts differently)."""
+  if isinstance(a, float) and isinstance(b, float):
+    assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (path, a, b)
+  elif isinstance(a, dict):
+    assert a.keys() == b.keys(), path
+    for k in a:
+      _numbers_close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for n, (x, y) in enumerate(zip(a, b)):
+      _numbers_close(x, y, f"{path}[{n}]")
+  else:
+    assert a == b, (path, a, b)
+
+
+def _bench_argv(stage, out, limit, extra=()):
+  return [f"--model={stage['dir']}", "--benchmark=synthetic_sugarcrepe,synthetic_paired",
+          f"--data=synthetic={os.path.join(stage['data'], 'eval')}", f"--limit={limit}",
+          "--protocol=generate,likelihood", "--batch_size=2", "--max_new_tokens=4",
+          f"--out={out}", "--name=tiny", "--no_progress", *extra]
+
+
+@pytest.mark.slow
+def test_benchmark_cli_resumes_to_the_uninterrupted_result(stage, tmp_path, monkeypatch,
+                                                           capsys):
+  from cdx.eval import results
+  whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+  assert eval_cli.main(_bench_argv(stage, whole, 2)) == 0
+  printed = capsys.readouterr().out
+  assert "sugarcrepe/compodistill" in printed and "paired/p_yes" in printed
+  # A smaller run first, then a bigger one that dies after two chunks of 2 items ...
+  assert eval_cli.main(_bench_argv(stage, resumed, 1)) == 0
+  monkeypatch.setattr(results, "CHUNK_BATCHES", 1)
+  make_generate, calls = run.make_generate, []
+
+  def dying(*args, **kw):
+    generate = make_generate(*args, **kw)
+
+    def call(units):
+      calls.append(len(units))
+      if len(calls) == 3:
+        raise RuntimeError("killed")
+      return generate(units)
+    return call
+  monkeypatch.setattr(run, "make_generate", dying)
+  with pytest.raises(RuntimeError, match="killed"):
+    eval_cli.main(_bench_argv(stage, resumed, 2))
+  log = os.path.join(resumed, "tiny", "synthetic_sugarcrepe.generate.jsonl")
+  with open(log) as f:
+    assert len(f.read().splitlines()) == 1 + 7 + 2 * 2   # settings, limit=1, two chunks
+  # ... and a rerun finishes only the rest, giving what the uninterrupted run gave.
+  monkeypatch.setattr(run, "make_generate", make_generate)
+  calls.clear()
+  assert eval_cli.main(_bench_argv(stage, resumed, 2)) == 0
+  for bench in ("synthetic_sugarcrepe", "synthetic_paired"):
+    with open(os.path.join(whole, "tiny", f"{bench}.json")) as f:
+      a = json.load(f)
+    with open(os.path.join(resumed, "tiny", f"{bench}.json")) as f:
+      b = json.load(f)
+    for key in ("protocols", "headline", "records", "fingerprint", "unsupported"):
+      _numbers_close(a[key], b[key], f"{bench}.{key}")
+  with open(os.path.join(whole, "tiny", "synthetic_sugarcrepe.json")) as f:
+    sc = json.load(f)
+  assert set(sc["protocols"]) == {"generate", "likelihood"}
+  assert sc["protocols"]["likelihood"]["protocol"] == "sugarcrepe/option_likelihood"
+  assert len(sc["records"]) == 14 and all(
+      set(r) == {"generate", "likelihood"} for r in sc["records"].values())
+  rec = sc["records"]["synthetic_sugarcrepe/swap_obj/0"]
+  assert len(rec["generate"]["outputs"]) == 2 and len(rec["likelihood"]["outputs"][0]) == 2
+  s = sc["settings"]
+  assert (s["batch_size"], s["max_new_tokens"], s["dtype"], s["model"]) == (
+      2, 4, "float32", os.path.abspath(stage["dir"]))
+  assert sc["fingerprint"]["sha1"] and sc["unsupported"] == []
+  with open(os.path.join(whole, "table.md")) as f:
+    table = f.read()
+  assert table.splitlines()[0].startswith("| model | synthetic_sugarcrepe |")
+  assert "| tiny |" in table and "CR avg" in table
+  assert os.path.isfile(os.path.join(whole, "tiny", "table.md"))
+  # Other settings are refused unless --fresh.
+  assert eval_cli.main(_bench_argv(stage, whole, 2, ["--max_new_tokens=5"])) == 2
+  assert "--fresh" in capsys.readouterr().err
+
+
+def _png(path, seed):
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), np.uint8)).save(
+      path)
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+@pytest.mark.slow
+def test_benchmark_cli_on_public_layouts(stage, tmp_path):
+  """SugarCrepe (GitHub JSON + COCO), POPE (3 splits) and MME in their public layouts."""
+  sc, pope, mme = str(tmp_path / "sc"), str(tmp_path / "pope"), str(tmp_path / "mme")
+  _write(os.path.join(sc, "swap_obj.json"), json.dumps(
+      {"0": {"filename": "1.jpg", "caption": "a cat on a mat",
+             "negative_caption": "a mat on a cat"}}))
+  _png(os.path.join(tmp_path, "coco", "1.jpg"), 1)
+  for split in ("random", "popular", "adversarial"):
+    _write(os.path.join(pope, f"coco_pope_{split}.json"), "\n".join(json.dumps(
+        {"question_id": q, "image": "2.jpg", "text": "Is there a dog in the image?",
+         "label": label}) for q, label in ((1, "yes"), (2, "no"))) + "\n")
+  _png(os.path.join(pope, "val2014", "2.jpg"), 2)
+  task = os.path.join(mme, "existence")
+  _write(os.path.join(task, "6040.txt"), "Is there a train? Please answer yes or no.\tYes\n"
+         "Is there a bed? Please answer yes or no.\tNo\n")
+  _png(os.path.join(task, "6040.jpg"), 3)
+  out = str(tmp_path / "results")
+  assert eval_cli.main([
+      f"--model={stage['dir']}", "--benchmark=sugarcrepe,pope,mme",
+      f"--data=sugarcrepe={sc}", f"--data=sugarcrepe_images={tmp_path / 'coco'}",
+      f"--data=pope={pope}", f"--data=mme={mme}",
+      f"--tokenizer={os.path.join(stage['data'], 'tokenizer')}", "--max_new_tokens=3",
+      f"--out={out}", "--no_progress"]) == 0
+  with open(os.path.join(out, "tiny", "pope.json")) as f:
+    r = json.load(f)
+  assert set(r["protocols"]) == {"generate"} and r["unsupported"] == []
+  assert set(r["protocols"]["generate"]["splits"]) == {"random", "popular", "adversarial"}
+  assert set(r["records"]) == {f"pope/{s}/{q}" for s in ("random", "popular", "adversarial")
+                               for q in (1, 2)}
+  rec = r["records"]["pope/popular/2"]["generate"]
+  assert rec["records"][0]["answer"] == "no" and rec["records"][0]["reply"] == \
+      rec["outputs"][0]
+  with open(os.path.join(out, "tiny", "mme.json")) as f:
+    assert "existence" in json.load(f)["protocols"]["generate"]["subtasks"]
+  with open(os.path.join(out, "table.md")) as f:
+    head, _, row = f.read().strip().split("\n")
+  cols = [c.strip() for c in head.strip("|").split("|")]
+  cells = dict(zip(cols, [c.strip() for c in row.strip("|").split("|")]))
+  assert cols == ["model", "mme", "pope", "sugarcrepe", "sugarcrepe (likelihood)",
+                  "VQA avg", "CR avg"]
+  assert cells["VQA avg"].endswith("(1/5)") and cells["CR avg"].endswith("(1/3)")
+
+
+@pytest.mark.slow
+def test_bench_reports_items_per_second(stage, capsys):
+  assert eval_cli.main([f"--model={stage['dir']}", "--bench=1,2", "--limit=2",
+                        "--max_new_tokens=3"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["items"] == 2 and report["same_replies"] is True
+  one, two = report["batch_sizes"]["1"], report["batch_sizes"]["2"]
+  assert one["speedup"] == 1.0 and one["items_per_s"] > 0 and two["items_per_s"] > 0
+  assert 0 < one["prompt_seconds"] and 0 < two["seconds"]

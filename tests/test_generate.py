@@ -126,19 +126,20 @@ def test_sampling_probs():
 def test_score_options_match_forward(llava):
   cfg, params = llava["cfg"], llava["params"]
   forward = jax.jit(mllm.forward, static_argnums=0)
-  options = [[17], [23, 40, 41]]
-  got = np.asarray(gen.score_options(cfg, params, llava["ids"], llava["mask"],
-                                     llava["pixels"], options, pad_id=F.PAD))
-  assert got.shape == (2, 2) and (got < 0).all()
-  for b in range(2):
-    n = int(llava["mask"][b].sum())
-    for k, opt in enumerate(options):
-      ids = np.concatenate([llava["ids"][b, :n], opt])[None].astype(np.int32)
-      logits, _ = forward(cfg, params, jnp.asarray(ids),
-                          jnp.asarray(llava["pixels"][b:b + 1]))
-      logp = jax.nn.log_softmax(logits[0], -1)
-      want = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(opt))
-      np.testing.assert_allclose(got[b, k], want, rtol=1e-4, atol=1e-4)
+  # Multi-token options (a row per option) and one-token options (one row per prompt).
+  for options in ([[17], [23, 40, 41]], [[17], [23], [5]]):
+    got = np.asarray(gen.score_options(cfg, params, llava["ids"], llava["mask"],
+                                       llava["pixels"], options, pad_id=F.PAD))
+    assert got.shape == (2, len(options)) and (got < 0).all()
+    for b in range(2):
+      n = int(llava["mask"][b].sum())
+      for k, opt in enumerate(options):
+        ids = np.concatenate([llava["ids"][b, :n], opt])[None].astype(np.int32)
+        logits, _ = forward(cfg, params, jnp.asarray(ids),
+                            jnp.asarray(llava["pixels"][b:b + 1]))
+        logp = jax.nn.log_softmax(logits[0], -1)
+        want = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(opt))
+        np.testing.assert_allclose(got[b, k], want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_raise(llava):

@@ -5,6 +5,7 @@
       -> tokens int32 [B, max_new_tokens] (pad_id after a row's EOS), lengths int32 [B]
   score_options(cfg, params, input_ids, attention_mask, pixel_values, options)
       -> float32 [B, K]: log P(option k | prompt b), summed over the option's tokens
+  score_continuations(..., continuations)   the same with K continuations per prompt
 
 Inputs: input_ids int [B, L] right-padded prompts holding 0 or Nv image-token ids per row
 (see cdx/models/mllm.py), attention_mask int [B, L] (ones then zeros), pixel_values
@@ -173,22 +174,77 @@ def generate(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask, pixe
 
 # ------------------------------------------------------------------------------ scoring
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_options"))
-def _score(cfg, params, input_ids, attention_mask, pixel_values, option_mask, *,
-           num_options):
-  """Sum of log P(token) over option_mask for rows = prompt b x option k (b-major)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "rows_per_prompt"))
+def _token_logprobs(cfg, params, input_ids, attention_mask, pixel_values, positions,
+                    targets, *, rows_per_prompt):
+  """float32 [R, T]: log P(targets[r, t] | hidden[r, positions[r, t]]); rows come in
+  groups of rows_per_prompt per image. Only those positions reach the LM head."""
   image = _image_embeds(cfg, params, pixel_values)
-  if image is not None:  # vision once per prompt, shared by its K option rows
-    image = jnp.repeat(image, num_options, axis=0)
+  if image is not None:  # vision once per prompt, shared by its rows
+    image = jnp.repeat(image, rows_per_prompt, axis=0)
   embeds = mllm.embed(cfg, params, input_ids, image)
   hidden, _ = mllm.decode(cfg, params, embeds, attention_mask)
-  kernel = mllm.lm_head_kernel(cfg, params).astype(hidden.dtype)
-  logits = jnp.einsum("bld,dv->blv", hidden[:, :-1], kernel,
-                      preferred_element_type=jnp.float32)
+  h = jnp.take_along_axis(hidden, positions[..., None], axis=1)    # [R, T, D]
+  kernel = mllm.lm_head_kernel(cfg, params).astype(h.dtype)
+  logits = jnp.einsum("rtd,dv->rtv", h, kernel, preferred_element_type=jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-  total = jnp.sum(jnp.where(option_mask[:, 1:], target, 0.0), axis=-1)
-  return total.reshape(-1, num_options)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def score_continuations(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask,
+                        pixel_values, continuations, pad_id: int = 0,
+                        length_multiple: int = 1) -> jax.Array:
+  """float32 [B, K] log-likelihood of continuation k of prompt b, summed over its tokens.
+
+  continuations: B lists (one per prompt) of K non-empty token-id sequences each, e.g.
+  the ids of two captions. One forward pass: when every continuation is one token (" A"
+  / " B", " Yes") over the B prompts, all K read at the prompt's last position; else over
+  B*K rows (prompt b's real tokens + continuation k). Rows are right padded to a multiple
+  of `length_multiple`, so that few shapes compile; the vision tower runs once per prompt.
+  """
+  _check_prompts(cfg, input_ids, attention_mask, pixel_values)
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+  conts = [[list(map(int, c)) for c in row] for row in continuations]
+  k = len(conts[0]) if conts else 0
+  if (len(conts) != len(ids) or not k or any(len(row) != k for row in conts)
+      or any(not c for row in conts for c in row)):
+    raise ValueError(f"continuations must hold {len(ids)} lists (one per prompt) of the "
+                     f"same number (>= 1) of non-empty token id sequences; got "
+                     f"{[[len(c) for c in row] for row in conts]!r}.")
+  n = mask.sum(-1)
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+  longest = max(len(c) for row in conts for c in row)
+  if longest == 1:   # next-token scores: one row per prompt
+    width = _round_up(ids.shape[1], length_multiple)
+    rows = np.full((len(ids), width), pad_id, np.int32)
+    rows[:, :ids.shape[1]] = ids
+    row_mask = np.zeros_like(rows)
+    row_mask[:, :mask.shape[1]] = mask
+    positions = np.repeat((n - 1)[:, None], k, axis=1).astype(np.int32)
+    targets = np.asarray([[c[0] for c in row] for row in conts], np.int32)
+    return _token_logprobs(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
+                           jnp.asarray(positions), jnp.asarray(targets), rows_per_prompt=1)
+  width = _round_up(int(n.max()) + longest, length_multiple)
+  span = _round_up(longest, min(length_multiple, 8))
+  rows = np.full((len(ids) * k, width), pad_id, np.int32)
+  row_mask = np.zeros_like(rows)
+  positions = np.zeros((len(rows), span), np.int32)
+  targets = np.zeros((len(rows), span), np.int32)
+  valid = np.zeros((len(rows), span), bool)
+  for b in range(len(ids)):
+    for j, cont in enumerate(conts[b]):
+      r, m, end = b * k + j, int(n[b]), int(n[b]) + len(cont)
+      rows[r, :m], rows[r, m:end], row_mask[r, :end] = ids[b, :m], cont, 1
+      # Token t of the continuation is predicted by the hidden state just before it.
+      positions[r, :len(cont)] = np.arange(m - 1, end - 1)
+      targets[r, :len(cont)], valid[r, :len(cont)] = cont, True
+  logp = _token_logprobs(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
+                         jnp.asarray(positions), jnp.asarray(targets), rows_per_prompt=k)
+  return jnp.where(jnp.asarray(valid), logp, 0.0).sum(-1).reshape(-1, k)
 
 
 def score_options(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask,
@@ -196,25 +252,12 @@ def score_options(cfg: mllm.MllmConfig, params: dict, input_ids, attention_mask,
   """float32 [B, K] log-likelihood of each option's tokens after each prompt.
 
   options: K non-empty token-id sequences (e.g. the ids of " Yes" and " No"), shared by
-  every prompt. One forward pass over B*K rows (prompt b's real tokens + option k, right
-  padded); the vision tower runs once per prompt. P(option) = exp of the result.
+  every prompt (`score_continuations` with the same options for each prompt).
+  P(option) = exp of the result.
   """
-  _check_prompts(cfg, input_ids, attention_mask, pixel_values)
   options = [list(map(int, o)) for o in options]
   if not options or any(not o for o in options):
     raise ValueError(f"options={options!r} must be a non-empty list of non-empty token "
                      "id sequences.")
-  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-  n = mask.sum(-1)
-  width = int(n.max()) + max(len(o) for o in options)
-  rows = np.full((len(ids) * len(options), width), pad_id, np.int32)
-  row_mask = np.zeros_like(rows)
-  opt_mask = np.zeros(rows.shape, bool)
-  for b in range(len(ids)):
-    for k, opt in enumerate(options):
-      r, end = b * len(options) + k, int(n[b]) + len(opt)
-      rows[r, :n[b]], rows[r, n[b]:end] = ids[b, :n[b]], opt
-      row_mask[r, :end], opt_mask[r, n[b]:end] = 1, True
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-  return _score(cfg, params, jnp.asarray(rows), jnp.asarray(row_mask), pixels,
-                jnp.asarray(opt_mask), num_options=len(options))
+  return score_continuations(cfg, params, input_ids, attention_mask, pixel_values,
+                             [options] * len(np.asarray(input_ids)), pad_id)

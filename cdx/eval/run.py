@@ -1,15 +1,20 @@
-"""Evaluation driver: a trained model on the synthetic world's eval sets (seen + held-out).
+"""A model for evaluation: loading, the callables the scorers call, the synthetic driver.
 
   model = load_model("DIR/dft", data_dir="DIR/data")    # or an HF LLaVA dir
   results = evaluate_synthetic(model, "DIR/data", limit=20)
   write_results(results, "DIR/dft/eval.json")
 
-Serves the callables of `cdx.eval.scoring` with one model:
+`load_model` is the one way cdx/eval loads a model (stage dir or HF LLaVA dir). Benchmarks
+from local files run through `cdx.eval.results`; this module serves their callables
+with one model:
   generate(items) -> replies  prompts `qwen2_base` (`encode_prompt`, image first), greedy
-                              <= 32 new tokens (SPEC §9) in fixed-shape batches, decoded
-                              with the tokenizer (special tokens dropped, stripped)
+                              <= 32 new tokens (docs/METHOD.md §9) in length-bucketed
+                              batches (`cdx.eval.batching`), decoded with the tokenizer
+                              (special tokens dropped, stripped)
   score(items) -> P(" Yes")   the probability of the answer " Yes" (its tokens, as the
                               template supervises answers) after the yes/no question
+  logprob(units) -> [[log P]]  log-likelihood of each of a unit's "options" texts
+`measure_generation` times generation at several batch sizes (launch/eval.py --bench).
 Images: `cdx.data.images` preprocessing at the vision tower's size, cached per path.
 
 Results (JSON-ready; every metric a float in [0, 1]):
@@ -24,8 +29,11 @@ A split or benchmark whose files are missing is left out.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -34,15 +42,14 @@ import numpy as np
 from cdx.data import images as images_lib
 from cdx.data import templates
 from cdx.data import tokenizer as tokenizer_lib
+from cdx.eval import batching
 from cdx.eval import benchmarks
-from cdx.eval import generate as gen
 from cdx.eval import scoring
 from cdx.models import mllm
 
-MAX_NEW_TOKENS = 32  # SPEC §9
+MAX_NEW_TOKENS = 32  # docs/METHOD.md §9
 SPLITS = {"seen": "eval", "heldout": os.path.join("eval", "heldout")}
 YES = " Yes"  # answers follow "ASSISTANT:" after a space in qwen2_base
-LENGTH_BUCKET = 32  # prompts are padded to a multiple: few compiled shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,75 +109,109 @@ def load_model(model_path: str, data_dir: str | None = None, tokenizer: str | No
   return Model(cfg, params, tok, ids, template, image_mode, os.path.abspath(model_path))
 
 
-# ----------------------------------------------------------------------------- batching
+# ----------------------------------------------------------------------------- serving
+
+PIXEL_CACHE = 512  # preprocessed images kept per callable (both SugarCrepe orders share one)
+
 
 def _pixels_loader(model: Model):
-  cache: dict[str, np.ndarray] = {}
-
+  @functools.lru_cache(maxsize=PIXEL_CACHE)
   def load(path: str) -> np.ndarray:
-    if path not in cache:
-      try:
-        image = images_lib.load_image(path)
-      except OSError as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
-      cache[path] = images_lib.preprocess(image, model.cfg.vision.image_size,
-                                          model.image_mode)
-    return cache[path]
+    try:
+      image = images_lib.load_image(path)
+    except OSError as e:
+      raise ValueError(f"cannot read image {path!r}: {e}") from e
+    return images_lib.preprocess(image, model.cfg.vision.image_size, model.image_mode)
   return load
 
 
-def _batches(model: Model, items: list[dict], batch_size: int, load):
-  """Yields (ids [B, L], mask [B, L], pixels [B, H, W, 3], n_real) in fixed shapes.
-
-  The last batch is filled with copies of its last row (dropped by the caller) and L is a
-  multiple of LENGTH_BUCKET, so jit compiles few shapes.
-  """
+def _encode(model: Model, units: list[dict]) -> list[list[int]]:
   nv = mllm.num_visual_tokens(model.cfg)
-  for start in range(0, len(items), batch_size):
-    chunk = items[start:start + batch_size]
-    encoded = [templates.encode_prompt(it["prompt"], model.tokenizer, model.template, nv)
-               ["input_ids"] for it in chunk]
-    length = -(-max(map(len, encoded)) // LENGTH_BUCKET) * LENGTH_BUCKET
-    ids = np.full((batch_size, length), model.ids.pad, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    pixels = []
-    for b in range(batch_size):
-      row = min(b, len(chunk) - 1)
-      ids[b, :len(encoded[row])], mask[b, :len(encoded[row])] = encoded[row], 1
-      pixels.append(load(chunk[row]["image"]))
-    yield ids, mask, np.stack(pixels), len(chunk)
+  return [templates.encode_prompt(u["prompt"], model.tokenizer, model.template, nv)
+          ["input_ids"].tolist() for u in units]
 
 
-def make_generate(model: Model, batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS):
-  """generate(items) -> greedy replies (see the module docstring)."""
+def make_generate(model: Model, batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
+                  progress=None):
+  """generate(units) -> greedy replies (see the module docstring); units need "image"
+  and "prompt". progress(n) is called after each batch with its number of units."""
   load = _pixels_loader(model)
 
-  def generate(items: list[dict]) -> list[str]:
-    replies = []
-    for ids, mask, pixels, n in _batches(model, items, batch_size, load):
-      tokens, lengths = gen.generate(model.cfg, model.params, ids, mask, pixels,
-                                     max_new_tokens, model.ids.eos, model.ids.pad)
-      tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-      for b in range(n):
-        replies.append(model.tokenizer.decode(tokens[b, :lengths[b]].tolist(),
-                                              skip_special_tokens=True).strip())
-    return replies
+  def generate(units: list[dict]) -> list[str]:
+    tokens = batching.generate_tokens(
+        model.cfg, model.params, _encode(model, units), lambda i: load(units[i]["image"]),
+        batch_size, max_new_tokens, model.ids.eos, model.ids.pad, progress)
+    return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
   return generate
+
+
+def make_logprob(model: Model, batch_size: int = 8, progress=None):
+  """logprob(units) -> per unit, [log P(option | prompt, image) for its "options"]: units
+  need "image", "prompt" and "options" (texts, the same number for every unit, each
+  scored as the start of the reply, so " Yes" with its leading space)."""
+  load = _pixels_loader(model)
+
+  def ids(text: str) -> list[int]:
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+  def logprob(units: list[dict]) -> list[list[float]]:
+    return batching.score_tokens(
+        model.cfg, model.params, _encode(model, units),
+        [[ids(o) for o in u["options"]] for u in units], lambda i: load(units[i]["image"]),
+        batch_size, model.ids.pad, progress)
+  return logprob
 
 
 def make_score(model: Model, batch_size: int = 8, answer: str = YES):
   """score(items) -> P(answer | prompt, image) per item."""
-  load = _pixels_loader(model)
-  option = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+  logprob = make_logprob(model, batch_size)
 
   def score(items: list[dict]) -> list[float]:
-    out = []
-    for ids, mask, pixels, n in _batches(model, items, batch_size, load):
-      logp = gen.score_options(model.cfg, model.params, ids, mask, pixels, [option],
-                               pad_id=model.ids.pad)
-      out.extend(np.exp(np.asarray(logp[:n, 0], np.float64)).tolist())
-    return out
+    logps = logprob([dict(it, options=[answer]) for it in items])
+    return [math.exp(lp[0]) for lp in logps]
   return score
+
+
+REPEATS = 3
+
+
+def measure_generation(model: Model, units: list[dict], batch_sizes: list[int],
+                       max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+  """Greedy generation throughput of `units` at each batch size, in this process.
+
+  Per batch size: one untimed pass (compiles every length bucket, reads the images), then
+  the best of REPEATS timed passes with max_new_tokens and with a single new token (the
+  prompt pass: vision tower + prefill + first token), so the decode loop's share is the
+  difference.
+  Returns {"items", "backend", "max_new_tokens", "batch_sizes": {bs: {"seconds",
+  "items_per_s", "speedup" (vs the first batch size), "prompt_seconds"}}, "same_replies",
+  "mean_reply_words"}.
+  """
+  def timed(generate):   # the best of REPEATS: the machine may be shared
+    best = float("inf")
+    for _ in range(REPEATS):
+      start = time.perf_counter()
+      out = generate(units)
+      best = min(best, time.perf_counter() - start)
+    return out, best
+
+  out, replies = {}, {}
+  for bs in batch_sizes:
+    generate = make_generate(model, bs, max_new_tokens)
+    first_token = make_generate(model, bs, 1)
+    generate(units)
+    first_token(units)
+    replies[bs], seconds = timed(generate)
+    _, prompt_seconds = timed(first_token)
+    out[bs] = {"seconds": round(seconds, 3), "items_per_s": round(len(units) / seconds, 2),
+               "prompt_seconds": round(prompt_seconds, 3)}
+  for bs in batch_sizes:
+    out[bs]["speedup"] = round(out[bs]["items_per_s"] / out[batch_sizes[0]]["items_per_s"], 2)
+  first = replies[batch_sizes[0]]
+  return {"items": len(units), "backend": jax.default_backend(),
+          "max_new_tokens": max_new_tokens, "batch_sizes": out,
+          "same_replies": all(r == first for r in replies.values()),
+          "mean_reply_words": sum(len(r.split()) for r in first) / len(first)}
 
 
 # ----------------------------------------------------------------------------- driver
