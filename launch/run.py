@@ -52,14 +52,14 @@ def main(argv=None) -> int:
           os.path.join(config_dir, os.path.basename(spec)), upstream)
       todo = stages.plan(cfg, args.workdir, load_upstream, args.build_missing)
     except (ValueError, FileNotFoundError) as e:
-      raise loop.UserError(str(e)) from None
+      raise config_lib.UserError(str(e)) from None
     if args.dry_run:
       return loop.dry_run(todo, args.workdir)
     if not todo:
       print(f"Stage '{cfg.name}' is already finished in {args.workdir}/{cfg.name} (DONE).")
     for stage_cfg in todo:
       loop.run_stage(stage_cfg, args.workdir)
-  except (stages.MissingInputError, loop.UserError, SampleError) as e:
+  except (stages.MissingInputError, config_lib.UserError, SampleError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -25,11 +25,13 @@ import pytest
 
 from cdx import parallel
 from cdx.distill import losses
+from cdx.distill import objective as objective_lib
 from cdx.distill import taf
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import params as params_lib
+from cdx.train import setup as setup_lib
 from cdx.train import step as step_lib
 
 # Tiny relatives of configs/common.py TINY_*: teacher deeper/wider, MHA, untied, padded
@@ -61,8 +63,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 class Setup:
   student_cfg: mllm.MllmConfig
   teacher_cfg: mllm.MllmConfig
-  objective: step_lib.Objective
-  lora_spec: step_lib.LoraSpec
+  objective: objective_lib.Objective
+  lora_spec: setup_lib.LoraSpec
   trainable: dict   # host (numpy) trees
   frozen: dict
   lora: dict
@@ -81,7 +83,7 @@ def _host(tree):
 
 @functools.lru_cache(maxsize=None)
 def build_setup() -> Setup:
-  """Teacher + TAF student as in loop.build (dft stage rules), on the host."""
+  """Teacher + TAF student as in setup.build (dft stage rules), on the host."""
   ids = dict(image_token_id=IMG, pad_token_id=PAD, eos_token_id=EOS)
   t_cfg = mllm.make_config(VISION, TEACHER, **ids)
   s_cfg = mllm.make_config(VISION, STUDENT, **ids)
@@ -101,11 +103,11 @@ def build_setup() -> Setup:
                               adapter_depth=t_cfg.adapter_depth)
   mask = params_lib.select(student, rules["trainable"], strict=True)
   trainable, frozen = params_lib.partition(student, mask)
-  objective = step_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
+  objective = objective_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
                                  student_layers=(0, 1), teacher_groups=((0, 1), (1, 2)),
                                  taf=True)
   return Setup(student_cfg=s_cfg, teacher_cfg=t_cfg, objective=objective,
-               lora_spec=step_lib.LoraSpec(RANK, ALPHA), trainable=trainable,
+               lora_spec=setup_lib.LoraSpec(RANK, ALPHA), trainable=trainable,
                frozen=frozen, lora=lora,
                teacher={k: v for k, v in teacher.items() if k not in ("vision", "adapter")},
                teacher_full=teacher)
@@ -154,10 +156,10 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def make_step(s: Setup, mesh, micro_batches: int = 1):
-  """(compiled step, shardings) for `mesh`, built as loop.build does."""
+  """(compiled step, shardings) for `mesh`, built as setup.build does."""
+  loss_fn = setup_lib.make_loss_fn(s.student_cfg, s.teacher_cfg, s.objective, s.lora_spec)
   train_step = step_lib.make_train_step(
-      s.student_cfg, s.teacher_cfg, s.objective, make_tx(s),
-      optim.learning_rate_schedule(OPTIM, TOTAL_STEPS), s.lora_spec, micro_batches)
+      loss_fn, make_tx(s), optim.learning_rate_schedule(OPTIM, TOTAL_STEPS), micro_batches)
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   state, frozen, teacher = jax.eval_shape(lambda: fresh_state(s)), shapes(s.frozen), \
       shapes(s.teacher)
@@ -333,10 +335,9 @@ def test_merged_student_forward_gives_the_step_losses():
 
   @jax.jit
   def step_losses(trainable, lora, batch):
-    p, factors = step_lib._student_params(trainable, lora, s.frozen, spec)
     obj = dataclasses.replace(s.objective, attn=0.0)
-    return step_lib.compute_loss(s.student_cfg, s.teacher_cfg, obj, p, s.teacher, batch,
-                                 **factors)[1]
+    loss_fn = setup_lib.make_loss_fn(s.student_cfg, s.teacher_cfg, obj, spec)
+    return loss_fn((trainable, lora), s.frozen, s.teacher, batch)[1]
 
   lm, kd = losses_from_forward(s.student_cfg, s.teacher_cfg, merged, s.teacher_full, batch)
   m = step_losses(state["params"], state["lora"], batch)
@@ -386,8 +387,8 @@ def test_split_microbatches_gradients_on_2x2x2():
 
   @jax.jit
   def accumulated(w, head, x):
-    micro = optim.split_microbatches({"x": x}, 2)
-    g, _ = optim.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
+    micro = step_lib.split_microbatches({"x": x}, 2)
+    g, _ = step_lib.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
     return jax.lax.with_sharding_constraint(g, sharding(None, "tensor"))
 
   expected = np.mean([grad_fn(w, head, {"x": x[j::2]})[0] for j in range(2)], axis=0)
