@@ -364,6 +364,26 @@ def test_two_micro_batches_equal_one_batch(shape):
   _assert_trees_close(host["lora"], ref_state["lora"])
 
 
+def test_gradient_accumulation_equals_full_batch():
+  w = {"kernel": jax.random.normal(jax.random.key(0), (3, 2))}
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  y = jax.random.normal(jax.random.key(2), (8, 2))
+
+  def loss(p, b):
+    return jnp.mean((b["x"] @ p["kernel"] - b["y"]) ** 2)
+
+  grad_fn = lambda p, b: (jax.grad(loss)(p, b), {"loss": loss(p, b)})
+  batch = {"x": x, "y": y}
+  micro = step_lib.split_microbatches(batch, 4)
+  assert micro["x"].shape == (4, 2, 3)
+  np.testing.assert_array_equal(micro["x"][1], np.asarray(x)[[1, 5]])  # strided: rows 1 and 5
+  g, aux = jax.jit(lambda p, m: step_lib.accumulate_gradients(grad_fn, p, m))(w, micro)
+  np.testing.assert_allclose(g["kernel"], jax.grad(loss)(w, batch)["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(aux["loss"], loss(w, batch), rtol=1e-5)
+  with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+    step_lib.split_microbatches(batch, 3)
+
+
 def test_split_microbatches_gradients_on_2x2x2():
   """The pattern that once hit an XLA SPMD bug (docs/bugs/reshape_microbatch_grads.md):
   grads of a chunk-scanned loss over split micro-batches, pinned to a tensor-sharded spec

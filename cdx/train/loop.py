@@ -39,10 +39,9 @@ from cdx.train import lora as lora_lib
 from cdx.train import metrics as metrics_lib
 from cdx.train import params as params_lib
 from cdx.train import setup as setup_lib
-from cdx.train.setup import Setup
 
 
-def final_params(s: Setup) -> dict:
+def final_params(s: setup_lib.Setup) -> dict:
   """The trained student as one tree: trainable + frozen, LoRA merged."""
   params = params_lib.merge(s.state["params"], s.frozen)
   if s.lora_spec is not None:
@@ -178,7 +177,7 @@ def data_report(stats: dict) -> dict:
           "warnings": dict(sorted(warnings.items()))}
 
 
-def export_stage(s: Setup) -> dict:
+def export_stage(s: setup_lib.Setup) -> dict:
   """Writes final/ + model.json (for the next stage) and hf/ (an HF LLaVA dir)."""
   model_cfg, params = mllm.unscanned(s.model_cfg, final_params(s))  # Files: unstacked.
   final = ckpt_lib.save_model(s.stage_dir, params, {

@@ -110,10 +110,22 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
 
 # ------------------------------------------------------------------------ model set-up
 
-def _stage_output(workdir: str, name: str) -> tuple[mllm.MllmConfig, dict, dict]:
-  """(config, params, model.json) of a finished upstream stage."""
-  params, info = ckpt_lib.load_model(os.path.join(workdir, name))
-  return mllm.config_from_dict(info["config"]), params, info
+def load_trained(path: str, dtype: str = "float32", check: Callable[[dict], None] = None
+                 ) -> tuple[mllm.MllmConfig, dict, dict]:
+  """(config, params, model.json) of a finished stage dir (`final/` + `model.json`), or
+  (config, params, {}) of an HF LLaVA dir (its weights as `dtype`). ValueError otherwise.
+
+  check(model.json): called before any weight is read (e.g. the tokenizer fingerprint)."""
+  if os.path.isfile(os.path.join(path, ckpt_lib.MODEL_FILE)):
+    if check is not None:
+      check(ckpt_lib.read_model_info(path))
+    params, info = ckpt_lib.load_model(path)
+    return mllm.config_from_dict(info["config"]), params, info
+  if os.path.isfile(os.path.join(path, "config.json")):
+    model_cfg, params = hf.load_llava(path, dtype=dtype)
+    return model_cfg, params, {}
+  raise ValueError(f"model path {path!r} holds neither model.json (a cdx stage dir) nor "
+                   "config.json (an HF LLaVA dir).")
 
 
 def _with_numerics(model_cfg: mllm.MllmConfig, cfg) -> mllm.MllmConfig:
@@ -141,12 +153,14 @@ def load_model(spec, cfg, workdir: str, init_stage: str, ids, fingerprint: str,
 
 def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
   if init_stage:
-    model_cfg, params, info = _stage_output(workdir, init_stage)
+    path = os.path.join(workdir, init_stage)
+    info = ckpt_lib.read_model_info(path)  # Raises for a stage that did not finish.
     if info.get("tokenizer") not in (None, fingerprint):
       raise UserError(
           f"The {role} from stage '{init_stage}' was trained with another tokenizer "
           f"({info['tokenizer']}) than data.tokenizer ({fingerprint}); teacher, student "
           "and data must share one tokenizer.")
+    model_cfg, params, _ = load_trained(path)
     return _with_numerics(model_cfg, cfg), params, {"stage": init_stage}
   if spec.hf_path:
     if not os.path.isdir(spec.hf_path):
@@ -154,7 +168,7 @@ def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
     with open(os.path.join(spec.hf_path, "config.json")) as f:
       arch = json.load(f).get("architectures", [""])[0]
     if arch.startswith("Llava"):
-      model_cfg, params = hf.load_llava(spec.hf_path, dtype=cfg.param_dtype)
+      model_cfg, params, _ = load_trained(spec.hf_path, dtype=cfg.param_dtype)
       return _with_numerics(model_cfg, cfg), params, {"hf": spec.hf_path}
     if not spec.vision_path:
       raise UserError(f"{role}.hf_path {spec.hf_path} is a {arch or 'non-LLaVA'} dir: also "
@@ -192,38 +206,7 @@ def check_pair(student: mllm.MllmConfig, teacher: mllm.MllmConfig, vocab: int) -
                       f"tokenizer's ({vocab}).")
 
 
-# ---------------------------------------------------------------------------- the run
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a stage run holds (host side)."""
-  cfg: Any
-  stage_dir: str
-  mesh: Any
-  model_cfg: mllm.MllmConfig
-  teacher_cfg: mllm.MllmConfig | None
-  objective: objective_lib.Objective
-  lora_spec: LoraSpec | None
-  state: dict
-  frozen: dict
-  teacher: dict | None
-  step_fn: Any
-  total_steps: int
-  tokenizer: Any
-  ids: tokenizer_lib.TokenIds
-  data: Any
-  provenance: dict
-  layers: dict | None = None  # The attention matching (manifest "layers").
-
-
-def _total_steps(cfg, num_samples: int) -> int:
-  if cfg.total_steps > 0:
-    return cfg.total_steps
-  steps = int(cfg.epochs * num_samples) // cfg.batch_size
-  if steps < 1:
-    raise UserError(f"{num_samples} samples make no full batch of {cfg.batch_size}.")
-  return steps
-
+# ----------------------------------------------------- objective and training
 
 def match_layers(cfg, student: mllm.MllmConfig, teacher: mllm.MllmConfig, calibrate=None
                  ) -> tuple[list[int], list[list[int]]]:
@@ -321,6 +304,39 @@ def make_training(cfg, params: PyTree, total_steps: int, abstract: bool = False)
   make_state = lambda: step_lib.init_state(trainable, lora, tx, jax.random.key(cfg.seed))
   state = jax.eval_shape(make_state) if abstract else make_state()
   return Training(lora_spec, frozen, tx, schedule, state, total_steps)
+
+
+# ---------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a stage run holds (host side)."""
+  cfg: Any
+  stage_dir: str
+  mesh: Any
+  model_cfg: mllm.MllmConfig
+  teacher_cfg: mllm.MllmConfig | None
+  objective: objective_lib.Objective
+  lora_spec: LoraSpec | None
+  state: dict
+  frozen: dict
+  teacher: dict | None
+  step_fn: Any
+  total_steps: int
+  tokenizer: Any
+  ids: tokenizer_lib.TokenIds
+  data: Any
+  provenance: dict
+  layers: dict | None = None  # The attention matching (manifest "layers").
+
+
+def _total_steps(cfg, num_samples: int) -> int:
+  if cfg.total_steps > 0:
+    return cfg.total_steps
+  steps = int(cfg.epochs * num_samples) // cfg.batch_size
+  if steps < 1:
+    raise UserError(f"{num_samples} samples make no full batch of {cfg.batch_size}.")
+  return steps
 
 
 def build(cfg, workdir: str) -> Setup:
