@@ -141,14 +141,17 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def _sync(name: str) -> None:
-  """Barrier so other hosts do not read a marker before process 0 wrote it."""
+# Multi-host helpers (no-ops on one process): the loop and the checkpointer use them.
+
+def sync(name: str) -> None:
+  """Barrier: no host goes on before every host got here (e.g. reads what process 0
+  wrote); `name` must be the same on every host."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
-def _gather_per_process(value: Any) -> list[Any]:
+def gather_per_process(value: Any) -> list[Any]:
   """[value of process 0, value of process 1, ...] on every process (JSON values)."""
   if jax.process_count() == 1:
     return [value]
@@ -255,7 +258,7 @@ class StageCheckpointer:
     _check_json("meta", meta)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"process_states": _gather_per_process(data_state)}),
+        data=ocp.args.JsonSave({"process_states": gather_per_process(data_state)}),
         meta=ocp.args.JsonSave({_INTEGRITY: fingerprints(state), "meta": meta}),
     )
     if self._pending is not None:  # Orbax would wait for it anyway; errors name its step.
@@ -390,7 +393,7 @@ class StageCheckpointer:
         out, error = self._restore_items(step, abstract_state), ""
       except Exception as e:  # pylint: disable=broad-except  # Any damage: try older.
         out, error = None, _first_line(e)
-      errors = [x for x in _gather_per_process(error) if x]
+      errors = [x for x in gather_per_process(error) if x]
       if not errors:
         errors = [x for x in [self._mismatched(out)] if x]
       if errors:
@@ -415,7 +418,7 @@ class StageCheckpointer:
       os.rename(os.path.join(self.directory, str(step)), dest)
       print(f"warning: checkpoint step {step} is damaged ({why}); moved to {dest}, falling "
             "back to the previous one.", flush=True)
-    _sync(f"cdx_damaged_{step}")
+    sync(f"cdx_damaged_{step}")
     self._manager.reload()
 
   def _own_data_state(self, saved: Mapping[str, Any], step: int) -> Any:
@@ -499,7 +502,7 @@ def write_manifest(stage_dir: str | os.PathLike, info: Mapping[str, Any]) -> Non
   """
   if _is_primary():
     write_json_atomic(os.path.join(os.fspath(stage_dir), MANIFEST_FILE), dict(info))
-  _sync("cdx_write_manifest")
+  sync("cdx_write_manifest")
 
 
 def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -512,7 +515,7 @@ def mark_done(stage_dir: str | os.PathLike, info: Mapping[str, Any] | None = Non
   """Marks the stage finished; call it last, after every output is written."""
   if _is_primary():
     write_json_atomic(os.path.join(os.fspath(stage_dir), DONE_FILE), dict(info or {}))
-  _sync("cdx_mark_done")
+  sync("cdx_mark_done")
 
 
 def read_done(stage_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -23,6 +23,10 @@ import ml_collections
 from ml_collections import config_dict
 
 
+class UserError(RuntimeError):
+  """A problem the user can fix (bad path, mesh, mismatch); printed without a traceback."""
+
+
 def parse_arg(arg: str | None, known_presets: Sequence[str],
               default: str = "tiny") -> tuple[str, dict[str, str]]:
   """Splits `PRESET[,k=v,...]` into the preset name and a dict of string options."""

@@ -8,8 +8,8 @@
 
 `memory` builds the DFT step abstractly (jax.eval_shape: no weights, ShapeDtypeStruct inputs
 only), lowers and compiles it for this backend and prints XLA's `memory_analysis()` for the
-cdx formulation (`cdx.train.step.compute_loss`) and the official one
-(`cdx.train.reference.compute_loss`): argument, output, temp and total bytes, and the ratio.
+cdx formulation (`cdx.distill.objective.compute_loss`) and the official one
+(`cdx.distill.reference.compute_loss`): argument, output, temp and total bytes, and the ratio.
 `--compute-dtype` overrides the preset's compute dtype (teacher weights follow it);
 `--formulations` compiles only the named ones (no ratio without both); `--scan-layers`
 sets the decoder layout (qwen.Decoder `scan_layers`) of both, default the preset's.
@@ -43,16 +43,16 @@ import numpy as np  # noqa: E402
 
 from configs import dft  # noqa: E402
 from cdx.data import tokenizer as tokenizer_lib  # noqa: E402
-from cdx.distill import layers as layers_lib  # noqa: E402
 from cdx.distill import losses  # noqa: E402
+from cdx.distill import objective as objective_lib  # noqa: E402
+from cdx.distill import reference  # noqa: E402
 from cdx.models import mllm  # noqa: E402
-from cdx.train import lora as lora_lib  # noqa: E402
-from cdx.train import loop  # noqa: E402
-from cdx.train import optim  # noqa: E402
-from cdx.train import params as params_lib  # noqa: E402
+from cdx.train import setup as setup_lib  # noqa: E402
 from cdx.train import step as step_lib  # noqa: E402
 
-FORMULATIONS = ("cdx", "official")
+# The loss of each formulation (same value, different memory layout).
+LOSSES = {"cdx": objective_lib.compute_loss, "official": reference.compute_loss}
+FORMULATIONS = tuple(LOSSES)
 GiB = 2**30
 
 # mid: 4x the tiny widths, deeper teacher, 255 visual tokens, an 8k vocab.
@@ -73,8 +73,8 @@ class Bench:
   preset: str
   student_cfg: mllm.MllmConfig
   teacher_cfg: mllm.MllmConfig
-  objective: step_lib.Objective
-  lora_spec: step_lib.LoraSpec | None
+  objective: objective_lib.Objective
+  lora_spec: setup_lib.LoraSpec | None
   tx: Any
   schedule: Any
   state: dict
@@ -82,11 +82,16 @@ class Bench:
   teacher: dict
   batch: dict
 
+  def loss_fn(self, formulation: str):
+    """`loss_fn(diff, frozen, teacher, batch)` of one formulation (setup.make_loss_fn)."""
+    if formulation not in LOSSES:
+      raise ValueError(f"formulation={formulation!r}; use one of {FORMULATIONS}.")
+    return setup_lib.make_loss_fn(self.student_cfg, self.teacher_cfg, self.objective,
+                                  self.lora_spec, LOSSES[formulation])
+
   def step_fn(self, formulation: str):
     """The un-jitted train step of one formulation."""
-    return step_lib.make_train_step(self.student_cfg, self.teacher_cfg, self.objective,
-                                    self.tx, self.schedule, self.lora_spec,
-                                    formulation=formulation)
+    return step_lib.make_train_step(self.loss_fn(formulation), self.tx, self.schedule)
 
   def args(self):
     return self.state, self.frozen, self.teacher, self.batch
@@ -102,6 +107,7 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
   if preset not in DEFAULTS:
     raise ValueError(f"--preset={preset!r}; use one of {sorted(DEFAULTS)}.")
   cfg = dft.get_config("paper" if preset == "paper" else "tiny")
+  cfg.lora.full_finetune = False  # Every preset trains the paper's way: LoRA + post.
   if preset == "mid":
     models = models or (MID_VISION, MID_STUDENT, MID_TEACHER)
   if models is not None:
@@ -173,18 +179,19 @@ def build(preset: str, seq: int | None = None, batch: int | None = None,
           abstract: bool = False, seed: int = 0,
           models: tuple[dict, dict, dict] | None = None,
           compute_dtype: str | None = None, scan_layers: bool | None = None) -> Bench:
-  """The DFT step of a preset, as `loop.build` makes it, with random (or abstract) weights.
+  """The DFT step of a preset, as `setup.build` makes it, with random (or abstract) weights.
 
   `models`, `compute_dtype`, `scan_layers`: see `stage_config` (tests use smaller models).
   """
   cfg = stage_config(preset, models, compute_dtype, scan_layers)
+  cfg.seed = seed  # LoRA factors and the state rng (setup.make_training).
   seq = seq or DEFAULTS[preset][0]
   batch = batch or DEFAULTS[preset][1]
   ids = _token_ids(preset)
-  teacher_cfg = loop.spec_config(cfg.teacher, cfg, ids)
-  student_cfg = loop.spec_config(cfg.model, cfg, ids,
-                                 post_connector_in=teacher_cfg.text.hidden_size)
-  # TAF: the student holds the teacher's adapter (as loop.build does).
+  teacher_cfg = setup_lib.spec_config(cfg.teacher, cfg, ids)
+  student_cfg = setup_lib.spec_config(cfg.model, cfg, ids,
+                                      post_connector_in=teacher_cfg.text.hidden_size)
+  # TAF: the student holds the teacher's adapter (as setup.build does).
   inherit = {k: getattr(teacher_cfg, k) for k in ("adapter_depth", "adapter_hidden")
              if hasattr(teacher_cfg, k)}
   student_cfg = dataclasses.replace(student_cfg, **inherit)
@@ -197,26 +204,11 @@ def build(preset: str, seq: int | None = None, batch: int | None = None,
   teacher = init(teacher_cfg, seed + 2)
   teacher = _cast({k: v for k, v in teacher.items() if k not in ("vision", "adapter")},
                   cfg.compute_dtype, abstract)
-  s_layers, groups = loop._layers(cfg, student_cfg, teacher_cfg)  # pylint: disable=protected-access
-  objective = step_lib.Objective(
-      lm=cfg.loss.lm, kd=cfg.loss.kd, attn=cfg.loss.attn, kd_kind=cfg.loss.kd_kind,
-      kd_temperature=cfg.loss.kd_temperature, kd_beta=cfg.loss.kd_beta,
-      kd_mask=cfg.loss.kd_mask, attn_variant=cfg.loss.attn_variant,
-      chunk_size=cfg.loss.chunk_size, student_layers=tuple(s_layers),
-      teacher_groups=tuple(tuple(g) for g in groups), taf=True)
-  mask = params_lib.select(params, tuple(cfg.trainable), strict=True)
-  trainable, frozen = params_lib.partition(params, mask)
-  lora_spec = step_lib.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-  make_lora = lambda: lora_lib.init_lora(params, tuple(cfg.lora.targets), cfg.lora.rank,
-                                         cfg.lora.alpha, jax.random.key(seed + 4))
-  lora = jax.eval_shape(make_lora) if abstract else make_lora()
-  total = 1000
-  tx = optim.make_optimizer(cfg.optim, total, (trainable, lora))
-  schedule = optim.learning_rate_schedule(cfg.optim, total)
-  make_state = lambda: step_lib.init_state(trainable, lora, tx, jax.random.key(seed))
-  state = jax.eval_shape(make_state) if abstract else make_state()
-  return Bench(preset, student_cfg, teacher_cfg, objective, lora_spec, tx, schedule, state,
-               frozen, teacher, make_batch(student_cfg, batch, seq, abstract, seed))
+  s_layers, groups = setup_lib.match_layers(cfg, student_cfg, teacher_cfg)
+  objective = setup_lib.make_objective(cfg, s_layers, groups, with_teacher=True)
+  t = setup_lib.make_training(cfg, params, total_steps=1000, abstract=abstract)
+  return Bench(preset, student_cfg, teacher_cfg, objective, t.lora_spec, t.tx, t.schedule,
+               t.state, t.frozen, teacher, make_batch(student_cfg, batch, seq, abstract, seed))
 
 
 # ------------------------------------------------------------------------------- memory
@@ -320,7 +312,7 @@ def cmd_loader(a) -> list[dict]:
   from cdx.data import pipeline as pipeline_lib  # Only the loader bench needs grain.
   from cdx.data import sources
   cfg = stage_config("tiny")
-  _, ids, files, root = loop.prepare_data(cfg, a.workdir)
+  _, ids, files, root = setup_lib.prepare_data(cfg, a.workdir)
   tokenizer, _ = tokenizer_lib.load_tokenizer(os.path.join(root, "tokenizer"))
   source = sources.LlavaSource([f for f, _ in files], image_root=root,
                                weights=[w for _, w in files], seed=cfg.seed)

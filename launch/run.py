@@ -55,14 +55,14 @@ def main(argv=None) -> int:
       todo = stages.plan(cfg, args.workdir, load_upstream, registry.config_spec,
                          args.build_missing)
     except (ValueError, FileNotFoundError) as e:
-      raise loop.UserError(str(e)) from None
+      raise config_lib.UserError(str(e)) from None
     if args.dry_run:
       return loop.dry_run(todo, args.workdir)
     if not todo:
       print(f"Stage '{cfg.name}' is already finished in {args.workdir}/{cfg.name} (DONE).")
     for stage_cfg in todo:
       loop.run_stage(stage_cfg, args.workdir)
-  except (stages.MissingInputError, loop.UserError, SampleError, CheckpointError,
+  except (stages.MissingInputError, config_lib.UserError, SampleError, CheckpointError,
           guard.GuardError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -154,8 +154,8 @@ def export_inputs(out_dir: str, student_cfg, teacher_cfg, objective, params: dic
 
   params: the full TAF student tree (vision, adapter = the teacher's, post, llm); teacher:
   the teacher tree, whose missing vision/adapter are the student's (TAF shares them);
-  objective: a `cdx.train.step.Objective`; lora / lora_spec: the student's LoRA factors and
-  `cdx.train.step.LoraSpec` (None: rank 8, alpha 16, PEFT init); optim: lr, weight_decay,
+  objective: a `cdx.distill.objective.Objective`; lora / lora_spec: the student's LoRA factors and
+  `cdx.train.setup.LoraSpec` (None: rank 8, alpha 16, PEFT init); optim: lr, weight_decay,
   clip_norm of the torch AdamW step (defaults 1e-4, 0, 1.0).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -193,7 +193,7 @@ def export_inputs(out_dir: str, student_cfg, teacher_cfg, objective, params: dic
 
 def export_bench(bench, out_dir: str) -> dict:
   """`export_inputs` for a launch/bench.py `Bench` (its init state, frozen params, batch)."""
-  from cdx.train import params as params_lib  # pylint: disable=import-outside-toplevel
+  from cdx import paths as params_lib  # pylint: disable=import-outside-toplevel
   params = params_lib.merge(bench.state["params"], bench.frozen)
   return export_inputs(out_dir, bench.student_cfg, bench.teacher_cfg, bench.objective,
                        params, bench.teacher, bench.batch, lora=bench.state["lora"],

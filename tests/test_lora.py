@@ -175,8 +175,8 @@ def test_factored_forward_and_grads_equal_merged():
   def loss_and_grads(factored):
     def loss(lo):
       if factored:
-        out = mllm.forward(cfg, params, ids, pixels, mask, lora=lo,
-                           lora_scale=ALPHA / RANK)[0]
+        out = mllm.forward(cfg, params, ids, pixels, mask,
+                           lora=mllm.Lora(lo, ALPHA / RANK))[0]
       else:
         out = mllm.forward(cfg, L.merge_lora(params, lo, ALPHA, RANK), ids, pixels, mask)[0]
       return jnp.mean((out - target) ** 2), out
@@ -196,7 +196,7 @@ def test_factored_forward_and_grads_equal_merged():
 
 def test_factored_lora_rejects_what_the_decoder_cannot_apply():
   cfg, params, lora, (ids, pixels, mask) = tiny_mllm()
-  run = lambda lo: mllm.forward(cfg, params, ids, pixels, mask, lora=lo, lora_scale=2.0)
+  run = lambda lo: mllm.forward(cfg, params, ids, pixels, mask, lora=mllm.Lora(lo, 2.0))
   for targets in (["llm/lm_head/kernel"], ["adapter/fc1/kernel"]):
     bad = L.init_lora(params, targets, RANK, ALPHA, jax.random.key(1))
     with pytest.raises(ValueError, match="cannot be applied factored"):

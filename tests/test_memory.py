@@ -2,7 +2,7 @@
 
 The cdx formulation must grow ~linearly in the sequence length L at a fixed number of
 visual tokens Nv (visual-row attention capture, query-blocked attention, chunked LM head);
-the official formulation (cdx.train.reference: every layer's [B, H, L, L] maps, full
+the official formulation (cdx.distill.reference: every layer's [B, H, L, L] maps, full
 logits) grows ~quadratically. Both must give the same loss. Models are tiny and nothing is
 allocated: only compiles. LoRA must stay factored in the step: its temp memory must not
 grow by the size of the adapted kernels (docs/PERFORMANCE.md §1).
@@ -12,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdx.distill import objective
+from cdx.distill import reference
 from cdx.models import attention
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
-from cdx.train import reference
+from cdx import paths as params_lib
+from cdx.train import setup as setup_lib
 from cdx.train import step as step_lib
 from launch import bench
 
@@ -60,21 +63,19 @@ def test_official_formulation_gives_the_same_loss_and_grads():
   b = bench.build("tiny", seq=96, batch=3, models=MODELS)
   b.batch["has_image"][2] = False  # Samples without an image count in neither.
   b.batch["input_ids"][2, b.batch["input_ids"][2] == b.student_cfg.image_token_id] = 9
-  params, factors = step_lib._student_params(  # pylint: disable=protected-access
-      b.state["params"], b.state["lora"], b.frozen, b.lora_spec)
-  params, teacher = _sharpen(params, 25.0), _sharpen(b.teacher, 20.0)
+  params = _sharpen(params_lib.merge(b.state["params"], b.frozen), 25.0)
+  teacher = _sharpen(b.teacher, 20.0)
   # Nonzero b: the LoRA branch changes the loss, and `a` gets gradients too.
   lora = jax.tree_util.tree_map_with_path(
       lambda kp, x: x + 0.05 * (jax.tree_util.keystr(kp).endswith("['b']")),
-      factors["lora"])
-  scale = factors["lora_scale"]
+      b.state["lora"])
 
   def loss(impl):
     fn = lambda p, lo: impl(b.student_cfg, b.teacher_cfg, b.objective, p, teacher, b.batch,
-                            lora=lo, lora_scale=scale)
+                            lora=mllm.Lora(lo, b.lora_spec.scale))
     return jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(params, lora)
 
-  (l_cdx, m_cdx), g_cdx = loss(step_lib.compute_loss)
+  (l_cdx, m_cdx), g_cdx = loss(objective.compute_loss)
   (l_off, m_off), g_off = loss(reference.compute_loss)
   assert float(m_cdx["attn"]) > 1e-3 and float(m_cdx["kd"]) > 0  # Every term is live.
   for key in ("loss", "lm", "kd", "attn", "tokens"):
@@ -89,8 +90,7 @@ def test_official_formulation_gives_the_same_loss_and_grads():
 def test_unknown_formulation_is_rejected():
   b = bench.build("tiny", seq=96, batch=1, abstract=True, models=MODELS)
   with pytest.raises(ValueError, match="formulation"):
-    step_lib.make_train_step(b.student_cfg, b.teacher_cfg, b.objective, b.tx, b.schedule,
-                             formulation="pytorch")
+    b.step_fn("pytorch")
 
 
 def _forward_temp(cfg, length, official):
@@ -103,7 +103,7 @@ def _forward_temp(cfg, length, official):
     pos = jnp.broadcast_to(31 + jnp.arange(nv), (1, nv))
     layers = tuple(range(8)) if official else (3, 4)
     return mllm.decode(cfg, params, mllm.embed(cfg, params, ids, None), None,
-                       attn_layers=layers, visual_pos=pos, full_attn=official)
+                       mllm.Capture(layers, full_attn=official), visual_pos=pos)
   return _temp(forward, params, ids)
 
 
@@ -153,15 +153,15 @@ def test_lora_step_does_not_materialize_adapted_kernels(monkeypatch):
   trainable = b.state["params"]
   tx = optim.make_optimizer(bench.stage_config("tiny", models).optim, 1000, (trainable, {}))
   state = jax.eval_shape(lambda: step_lib.init_state(trainable, {}, tx, jax.random.key(0)))
-  plain = step_lib.make_train_step(b.student_cfg, b.teacher_cfg, b.objective, tx,
-                                   b.schedule, None)
+  plain = step_lib.make_train_step(
+      setup_lib.make_loss_fn(b.student_cfg, b.teacher_cfg, b.objective, None), tx, b.schedule)
   without = _temp(plain, state, b.frozen, b.teacher, b.batch, donate=(0,))
 
-  compute_loss = step_lib.compute_loss
-  def merged_loss(*args, lora=None, lora_scale=1.0):
-    params = lora_lib.apply_lora(args[3], lora, lora_scale, 1)  # W + a b * scale
-    return compute_loss(*args[:3], params, *args[4:])
-  monkeypatch.setattr(step_lib, "compute_loss", merged_loss)
+  compute_loss = objective.compute_loss
+  def merged_loss(s_cfg, t_cfg, obj, params, teacher, batch, lora=None):
+    params = lora_lib.apply_lora(params, lora.factors, lora.scale, 1)  # W + a b * scale
+    return compute_loss(s_cfg, t_cfg, obj, params, teacher, batch)
+  monkeypatch.setitem(bench.LOSSES, "cdx", merged_loss)
   materialized = _temp(b.step_fn("cdx"), *b.args(), donate=(0,))
 
   report = dict(kernel=kernel_bytes, without=without, factored=factored,

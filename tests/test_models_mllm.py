@@ -87,8 +87,8 @@ def test_full_attention_diagnostic_matches_hf(llava):
     image = mllm.post(cfg, params, mllm.adapt(cfg, params, mllm.encode_images(
         cfg, params, pixels)))
     embeds = mllm.embed(cfg, params, ids, image)
-    return mllm.decode(cfg, params, embeds, mask, attn_layers=(1,), visual_pos=pos,
-                       full_attn=True)[1]
+    return mllm.decode(cfg, params, embeds, mask, mllm.Capture((1,), full_attn=True),
+                       visual_pos=pos)[1]
   inter = run(params, ids, mask, jnp.asarray(llava["pixels"]))
   got = np.asarray(inter["full_attn"][0])  # [B, H, L, L]
   ref = llava["out"].attentions[1].numpy()
@@ -119,7 +119,7 @@ def test_bad_inputs_raise(llava):
     mllm.make_config("so400m-patch14-384", "qwen1.5-1.8b", image_token_id=1,
                      feature_select="cls")
   with pytest.raises(ValueError, match="visual_pos"):
-    mllm.decode(cfg, params, jnp.zeros((1, 4, 32)), None, attn_layers=(0,))
+    mllm.decode(cfg, params, jnp.zeros((1, 4, 32)), None, mllm.Capture((0,)))
 
 
 def test_taf_student_init_and_shapes():

@@ -126,6 +126,6 @@ def test_bad_configs_raise(tiny):
     qwen.QwenConfig(num_heads=6, num_kv_heads=4)
   ids = jnp.zeros((1, 3), jnp.int32)
   with pytest.raises(ValueError, match="out of range"):
-    _lm(cfg, params, ids, attn_layers=(5,))
+    _lm(cfg, params, ids, capture=qwen.Capture((5,)))
   with pytest.raises(ValueError, match="remat policy"):
     _lm(cfg, params, ids, remat="sometimes")

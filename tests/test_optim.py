@@ -134,26 +134,6 @@ def test_skip_nonfinite_leaves_params_and_state_unchanged():
   assert np.abs(u3["adapter"]["fc1"]["kernel"]).max() > 0
 
 
-def test_gradient_accumulation_equals_full_batch():
-  w = {"kernel": jax.random.normal(jax.random.key(0), (3, 2))}
-  x = jax.random.normal(jax.random.key(1), (8, 3))
-  y = jax.random.normal(jax.random.key(2), (8, 2))
-
-  def loss(p, b):
-    return jnp.mean((b["x"] @ p["kernel"] - b["y"]) ** 2)
-
-  grad_fn = lambda p, b: (jax.grad(loss)(p, b), {"loss": loss(p, b)})
-  batch = {"x": x, "y": y}
-  micro = O.split_microbatches(batch, 4)
-  assert micro["x"].shape == (4, 2, 3)
-  np.testing.assert_array_equal(micro["x"][1], np.asarray(x)[[1, 5]])  # strided: rows 1 and 5
-  g, aux = jax.jit(lambda p, m: O.accumulate_gradients(grad_fn, p, m))(w, micro)
-  np.testing.assert_allclose(g["kernel"], jax.grad(loss)(w, batch)["kernel"], rtol=1e-5)
-  np.testing.assert_allclose(aux["loss"], loss(w, batch), rtol=1e-5)
-  with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
-    O.split_microbatches(batch, 3)
-
-
 def test_without_skip_wrapper_loss_kwarg_is_accepted():
   t = tree()
   tx = O.make_optimizer({"lr": 1e-2, "warmup_steps": 0, "skip_nonfinite": False}, 10, t)

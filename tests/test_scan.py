@@ -31,7 +31,7 @@ from cdx.models import qwen
 from cdx.models import siglip
 from cdx.models import stack
 from cdx.train import lora as lora_lib
-from cdx.train import params as params_lib
+from cdx import paths as params_lib
 from configs.common import LLM_LINEARS
 from launch import bench
 
@@ -93,8 +93,8 @@ def test_scanned_decoder_equals_unrolled(remat):
   attn_layers = (3, 0, 2)  # Unsorted: inter keeps this order.
 
   def loss(params, factors, scan):
-    dec = qwen.Decoder(CFG, attn_layers, full_attn=True, remat=remat, lora_scale=2.0,
-                       scan_layers=scan)
+    dec = qwen.Decoder(CFG, qwen.Capture(attn_layers, full_attn=True), remat=remat,
+                       lora_scale=2.0, scan_layers=scan)
     emb = dec.apply({"params": params}, ids, method=qwen.Decoder.embed_tokens)
     hidden, inter = dec.apply({"params": params, "lora": factors}, emb, mask, visual_pos)
     value = (jnp.sum(hidden ** 2) + 3 * jnp.sum(inter["visual_attn"] ** 2)

@@ -25,11 +25,13 @@ import pytest
 
 from cdx import parallel
 from cdx.distill import losses
+from cdx.distill import objective as objective_lib
 from cdx.distill import taf
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
-from cdx.train import params as params_lib
+from cdx import paths as params_lib
+from cdx.train import setup as setup_lib
 from cdx.train import step as step_lib
 from configs.common import LLM_LINEARS
 
@@ -62,8 +64,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 class Setup:
   student_cfg: mllm.MllmConfig
   teacher_cfg: mllm.MllmConfig
-  objective: step_lib.Objective
-  lora_spec: step_lib.LoraSpec
+  objective: objective_lib.Objective
+  lora_spec: setup_lib.LoraSpec
   trainable: dict   # host (numpy) trees
   frozen: dict
   lora: dict
@@ -82,7 +84,7 @@ def _host(tree):
 
 @functools.lru_cache(maxsize=None)
 def build_setup() -> Setup:
-  """Teacher + TAF student as in loop.build (dft stage rules), on the host."""
+  """Teacher + TAF student as in setup.build (dft stage rules), on the host."""
   ids = dict(image_token_id=IMG, pad_token_id=PAD, eos_token_id=EOS)
   t_cfg = mllm.make_config(VISION, TEACHER, **ids)
   s_cfg = mllm.make_config(VISION, STUDENT, **ids)
@@ -102,11 +104,11 @@ def build_setup() -> Setup:
                               adapter_depth=t_cfg.adapter_depth)
   mask = params_lib.select(student, rules["trainable"], strict=True)
   trainable, frozen = params_lib.partition(student, mask)
-  objective = step_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
+  objective = objective_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
                                  student_layers=(0, 1), teacher_groups=((0, 1), (1, 2)),
                                  taf=True)
   return Setup(student_cfg=s_cfg, teacher_cfg=t_cfg, objective=objective,
-               lora_spec=step_lib.LoraSpec(RANK, ALPHA), trainable=trainable,
+               lora_spec=setup_lib.LoraSpec(RANK, ALPHA), trainable=trainable,
                frozen=frozen, lora=lora,
                teacher={k: v for k, v in teacher.items() if k not in ("vision", "adapter")},
                teacher_full=teacher)
@@ -155,10 +157,10 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def make_step(s: Setup, mesh, micro_batches: int = 1):
-  """(compiled step, shardings) for `mesh`, built as loop.build does."""
+  """(compiled step, shardings) for `mesh`, built as setup.build does."""
+  loss_fn = setup_lib.make_loss_fn(s.student_cfg, s.teacher_cfg, s.objective, s.lora_spec)
   train_step = step_lib.make_train_step(
-      s.student_cfg, s.teacher_cfg, s.objective, make_tx(s),
-      optim.learning_rate_schedule(OPTIM, TOTAL_STEPS), s.lora_spec, micro_batches)
+      loss_fn, make_tx(s), optim.learning_rate_schedule(OPTIM, TOTAL_STEPS), micro_batches)
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   state, frozen, teacher = jax.eval_shape(lambda: fresh_state(s)), shapes(s.frozen), \
       shapes(s.teacher)
@@ -334,10 +336,9 @@ def test_merged_student_forward_gives_the_step_losses():
 
   @jax.jit
   def step_losses(trainable, lora, batch):
-    p, factors = step_lib._student_params(trainable, lora, s.frozen, spec)
     obj = dataclasses.replace(s.objective, attn=0.0)
-    return step_lib.compute_loss(s.student_cfg, s.teacher_cfg, obj, p, s.teacher, batch,
-                                 **factors)[1]
+    loss_fn = setup_lib.make_loss_fn(s.student_cfg, s.teacher_cfg, obj, spec)
+    return loss_fn((trainable, lora), s.frozen, s.teacher, batch)[1]
 
   lm, kd = losses_from_forward(s.student_cfg, s.teacher_cfg, merged, s.teacher_full, batch)
   m = step_losses(state["params"], state["lora"], batch)
@@ -364,6 +365,26 @@ def test_two_micro_batches_equal_one_batch(shape):
   _assert_trees_close(host["lora"], ref_state["lora"])
 
 
+def test_gradient_accumulation_equals_full_batch():
+  w = {"kernel": jax.random.normal(jax.random.key(0), (3, 2))}
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  y = jax.random.normal(jax.random.key(2), (8, 2))
+
+  def loss(p, b):
+    return jnp.mean((b["x"] @ p["kernel"] - b["y"]) ** 2)
+
+  grad_fn = lambda p, b: (jax.grad(loss)(p, b), {"loss": loss(p, b)})
+  batch = {"x": x, "y": y}
+  micro = step_lib.split_microbatches(batch, 4)
+  assert micro["x"].shape == (4, 2, 3)
+  np.testing.assert_array_equal(micro["x"][1], np.asarray(x)[[1, 5]])  # strided: rows 1 and 5
+  g, aux = jax.jit(lambda p, m: step_lib.accumulate_gradients(grad_fn, p, m))(w, micro)
+  np.testing.assert_allclose(g["kernel"], jax.grad(loss)(w, batch)["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(aux["loss"], loss(w, batch), rtol=1e-5)
+  with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+    step_lib.split_microbatches(batch, 3)
+
+
 def test_split_microbatches_gradients_on_2x2x2():
   """The pattern that once hit an XLA SPMD bug (docs/bugs/reshape_microbatch_grads.md):
   grads of a chunk-scanned loss over split micro-batches, pinned to a tensor-sharded spec
@@ -387,8 +408,8 @@ def test_split_microbatches_gradients_on_2x2x2():
 
   @jax.jit
   def accumulated(w, head, x):
-    micro = optim.split_microbatches({"x": x}, 2)
-    g, _ = optim.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
+    micro = step_lib.split_microbatches({"x": x}, 2)
+    g, _ = step_lib.accumulate_gradients(lambda w, mb: grad_fn(w, head, mb), w, micro)
     return jax.lax.with_sharding_constraint(g, sharding(None, "tensor"))
 
   expected = np.mean([grad_fn(w, head, {"x": x[j::2]})[0] for j in range(2)], axis=0)

@@ -4,7 +4,7 @@ tests/test_step.py's tiny TAF student + teacher + batch (GQA student with tied e
 MHA teacher with a larger vocab, images at different offsets, two text-only rows; here with
 a one-block vision tower and sharpened q/k) are exported with `export_inputs`; LoRA factors
 get nonzero B so the PEFT path matters. The
-torch first-step loss must equal `cdx.train.step.compute_loss` with kd_mask="official"
+torch first-step loss must equal `cdx.distill.objective.compute_loss` with kd_mask="official"
 (the unshifted KD mask of the official code); the other options are the Objective's
 defaults (attn_variant "official", forward KD at T = 1).
 """
@@ -20,18 +20,19 @@ import torch
 import test_step as T
 from cdx import paths as paths_lib
 from cdx.distill import losses
+from cdx.distill import objective as objective_lib
+from cdx.distill import reference
 from cdx.distill import taf
 from cdx.models import mllm
 from cdx.train import lora as lora_lib
-from cdx.train import reference
-from cdx.train import step as step_lib
+from cdx.train import setup as setup_lib
 from configs.common import LLM_LINEARS
 from launch import torch_reference as R
 
 RTOL = 1e-3  # The comparison bench.py needs; the observed gap is < 1e-6.
 SHARPEN = 12.0  # q and k kernels scaled by this (see _setup).
 # As tests/test_step.py: two student layers against overlapping teacher pairs.
-OBJECTIVE = step_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
+OBJECTIVE = objective_lib.Objective(lm=1.0, kd=1.0, attn=1.0, chunk_size=16,
                                student_layers=(0, 1), teacher_groups=((0, 1), (1, 2)),
                                taf=True)
 
@@ -43,7 +44,7 @@ VISION = dict(T.VISION, num_layers=2)
 
 @functools.lru_cache(maxsize=None)
 def _setup() -> T.Setup:
-  """T.build_setup with VISION: teacher + TAF student as loop.build makes them."""
+  """T.build_setup with VISION: teacher + TAF student as setup.build makes them."""
   ids = dict(image_token_id=T.IMG, pad_token_id=T.PAD, eos_token_id=T.EOS)
   t_cfg = mllm.make_config(VISION, T.TEACHER, **ids)
   s_cfg = mllm.make_config(VISION, T.STUDENT, **ids)
@@ -71,7 +72,7 @@ def _setup() -> T.Setup:
   mask = paths_lib.select(student, rules["trainable"], strict=True)
   trainable, frozen = paths_lib.partition(student, mask)
   return T.Setup(student_cfg=s_cfg, teacher_cfg=t_cfg, objective=OBJECTIVE,
-                 lora_spec=step_lib.LoraSpec(T.RANK, T.ALPHA), trainable=trainable,
+                 lora_spec=setup_lib.LoraSpec(T.RANK, T.ALPHA), trainable=trainable,
                  frozen=frozen, lora=lora,
                  teacher={k: v for k, v in teacher.items() if k not in ("vision", "adapter")},
                  teacher_full=teacher)
@@ -91,9 +92,9 @@ def _inputs():
 def _cdx_metrics() -> dict:
   s, params, lora, batch = _inputs()
   obj = dataclasses.replace(s.objective, kd_mask="official")
-  fn = jax.jit(functools.partial(step_lib.compute_loss, s.student_cfg, s.teacher_cfg, obj))
-  _, m = fn(params, s.teacher, batch, lora=lora,
-            lora_scale=s.lora_spec.alpha / s.lora_spec.rank)
+  fn = jax.jit(functools.partial(objective_lib.compute_loss, s.student_cfg, s.teacher_cfg,
+                                 obj))
+  _, m = fn(params, s.teacher, batch, lora=mllm.Lora(lora, s.lora_spec.scale))
   return {k: float(m[k]) for k in ("loss", "lm", "kd", "attn")}
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdx.distill import objective
 from cdx.models import mllm
 
 
@@ -23,9 +24,9 @@ def visual_attention(student_cfg: mllm.MllmConfig, student: dict,
                      max_rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Visual attention f32 [K, B, Nv, Nv] of both models on (<= max_rows image rows of) a batch.
 
-  Both models see the same vision features; the student goes through its own adapter
-  (+ TAF post-connector), the teacher through its own adapter, as in training. A batch
-  without an image row raises ValueError.
+  Both models see the same vision features (`objective.forward`, as in training); the
+  student goes through its own adapter (+ TAF post-connector), the teacher through its
+  own adapter. A batch without an image row raises ValueError.
   """
   rows = np.flatnonzero(np.asarray(batch["has_image"]))[:max_rows]
   if rows.size == 0:
@@ -36,16 +37,12 @@ def visual_attention(student_cfg: mllm.MllmConfig, student: dict,
 
   @jax.jit
   def maps(student, teacher, ids, mask, pixels):
-    nv = mllm.num_visual_tokens(student_cfg)
-    pos, _ = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
-    feats = mllm.encode_images(student_cfg, student, pixels)
-    s_img = mllm.post(student_cfg, student, mllm.adapt(student_cfg, student, feats))
-    _, s_inter = mllm.decode(student_cfg, student, mllm.embed(student_cfg, student, ids, s_img),
-                             mask, attn_layers=tuple(student_layers), visual_pos=pos)
-    t_img = mllm.adapt(teacher_cfg, teacher, feats)
-    _, t_inter = mllm.decode(teacher_cfg, teacher, mllm.embed(teacher_cfg, teacher, ids, t_img),
-                             mask, attn_layers=tuple(teacher_layers), visual_pos=pos)
-    return s_inter["visual_attn"], t_inter["visual_attn"]
+    out = objective.forward(
+        student_cfg, teacher_cfg, student, teacher,
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels},
+        student_capture=mllm.Capture(tuple(student_layers)),
+        teacher_capture=mllm.Capture(tuple(teacher_layers)), shared_adapter=False)
+    return out.inter["visual_attn"], out.t_inter["visual_attn"]
 
   s_maps, t_maps = maps(student, teacher, ids, mask, pixels)
   return np.asarray(s_maps), np.asarray(t_maps)

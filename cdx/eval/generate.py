@@ -71,10 +71,8 @@ def next_token(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> 
 # ------------------------------------------------------------------------------ prefill
 
 def _image_embeds(cfg, params, pixel_values):
-  if pixel_values is None:
-    return None
-  feats = mllm.encode_images(cfg, params, pixel_values)
-  return mllm.post(cfg, params, mllm.adapt(cfg, params, feats))
+  """The model's image embeddings [B, Nv, D] (`mllm.image_embeds`); None without images."""
+  return None if pixel_values is None else mllm.image_embeds(cfg, params, pixel_values)
 
 
 def _last_logits(cfg, params, hidden, positions):

@@ -79,27 +79,20 @@ def _tokenizer_dir(model_path: str, data_dir: str | None, tokenizer: str | None)
 
 def load_model(model_path: str, data_dir: str | None = None, tokenizer: str | None = None,
                image_mode: str = "square", template: str = "qwen2_base") -> Model:
-  """A stage dir (`final/` + `model.json`, see cdx/train/loop.py) or an HF LLaVA dir.
+  """A stage dir (`final/` + `model.json`) or an HF LLaVA dir (`setup.load_trained`).
 
   The tokenizer comes from `tokenizer`, else the stage's hf/ export, the model dir
   itself, or `data_dir`/tokenizer; it must be the one the model was trained with.
   """
-  from cdx import checkpoint as ckpt_lib
-  from cdx import hf
+  from cdx.train import setup  # The one place trained models are read.
   tok, ids = tokenizer_lib.load_tokenizer(_tokenizer_dir(model_path, data_dir, tokenizer))
-  if os.path.isfile(os.path.join(model_path, ckpt_lib.MODEL_FILE)):
-    info = ckpt_lib.read_model_info(model_path)
+
+  def check(info):
     want, have = info.get("tokenizer"), tokenizer_lib.fingerprint(tok)
     if want not in (None, have):
       raise ValueError(f"{model_path} was trained with tokenizer {want}, but the tokenizer "
                        f"found has fingerprint {have}; pass the right --tokenizer.")
-    cfg = mllm.config_from_dict(info["config"])
-    params, _ = ckpt_lib.load_model(model_path)
-  elif os.path.isfile(os.path.join(model_path, "config.json")):
-    cfg, params = hf.load_llava(model_path)
-  else:
-    raise ValueError(f"model path {model_path!r} holds neither model.json (a cdx stage "
-                     "dir) nor config.json (an HF LLaVA dir).")
+  cfg, params, _ = setup.load_trained(model_path, check=check)
   if cfg.image_token_id != ids.image:
     raise ValueError(f"the model's image_token_id {cfg.image_token_id} != the tokenizer's "
                      f"<image> id {ids.image}: model and tokenizer do not belong together.")

@@ -11,9 +11,13 @@ cfg.scan_layers (`to_layout` converts; files always hold the unstacked layout).
 The pieces are separate functions so a train step can run the vision tower and the
 (teacher's) adapter once for teacher and student; `forward` chains them all.
 
-LoRA: `decode` and `forward` take the factors unmerged (`lora`, the tree of
-cdx/train/lora.py, and `lora_scale` = alpha / rank) and compute every adapted decoder
-linear factored, x W + ((x a) b) * scale, as PEFT does (cdx/models/qwen.py). Only the
+Capture: what `decode` records besides the hidden states is one static `Capture` spec
+(captured layers, per-head maps or not); the visual positions it needs are an argument.
+
+LoRA: `decode` and `forward` take the factors unmerged, bundled with their scale as
+`Lora(factors, scale)` (factors: the tree of cdx/train/lora.py, scale = alpha / rank,
+static), and compute every adapted decoder linear factored, x W + ((x a) b) * scale, as
+PEFT does (cdx/models/qwen.py). Only the
 decoder's layer linears can be adapted this way; factors for the vision tower, the
 adapters, the embedding or the LM head raise ValueError (merge those with
 `cdx.train.lora.merge_lora` instead).
@@ -22,6 +26,7 @@ import dataclasses
 import re
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +36,16 @@ from cdx.models import adapter as adapter_lib
 from cdx.models import qwen
 from cdx.models import siglip
 from cdx.models import stack
+
+Capture = qwen.Capture
+
+
+@flax.struct.dataclass
+class Lora:
+  """Unmerged LoRA factors {"llm": ...} (cdx/train/lora.py layout) and their scale
+  alpha / rank: a pytree of the factors, the scale static (it is part of the program)."""
+  factors: dict
+  scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,11 +189,11 @@ def _post(cfg: MllmConfig) -> adapter_lib.PostConnector:
   return adapter_lib.PostConnector(cfg.text.hidden_size, dtype, param_dtype)
 
 
-def _decoder(cfg: MllmConfig, attn_layers=(), full_attn=False,
+def _decoder(cfg: MllmConfig, capture: Capture = Capture(),
              lora_scale: float = 1.0) -> qwen.Decoder:
   dtype, param_dtype = _dtypes(cfg)
-  return qwen.Decoder(cfg.text, tuple(attn_layers), full_attn, dtype, param_dtype,
-                      cfg.remat, lora_scale, cfg.scan_layers)
+  return qwen.Decoder(cfg.text, capture, dtype, param_dtype, cfg.remat, lora_scale,
+                      cfg.scan_layers)
 
 
 def to_layout(cfg: MllmConfig, tree: dict) -> dict:
@@ -252,20 +267,20 @@ def embed(cfg: MllmConfig, params: dict, input_ids: jax.Array,
 
 
 def decode(cfg: MllmConfig, params: dict, embeds: jax.Array,
-           attention_mask: jax.Array | None, attn_layers: tuple = (),
+           attention_mask: jax.Array | None, capture: Capture = Capture(),
            visual_pos: jax.Array | None = None, cache: dict | None = None,
-           full_attn: bool = False, lora: dict | None = None,
-           lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
+           lora: Lora | None = None) -> tuple[jax.Array, dict]:
   """Decoder stack -> hidden [B, L, D] after the final norm, inter.
 
-  inter["visual_attn"]: f32 [len(attn_layers), B, Nv, Nv] (needs visual_pos).
-  inter["full_attn"]: f32 [K, B, H, L, L] per-head maps when full_attn (diagnostic).
+  inter["visual_attn"]: f32 [len(capture.layers), B, Nv, Nv] (needs visual_pos int [B, Nv]).
+  inter["full_attn"]: f32 [K, B, H, L, L] per-head maps when capture.full_attn.
   inter["cache"]: the updated KV cache when `cache` is given (see cdx/models/qwen.py).
-  lora: LoRA factors {"llm": ...} applied factored with `lora_scale` (module docstring).
+  lora: LoRA factors applied factored (module docstring).
   """
-  variables = {"params": params["llm"], **_lora_variables(lora)}
-  return _decoder(cfg, attn_layers, full_attn, lora_scale).apply(
-      variables, embeds, attention_mask, visual_pos, cache)
+  factors, scale = (None, 1.0) if lora is None else (lora.factors, lora.scale)
+  variables = {"params": params["llm"], **_lora_variables(factors)}
+  return _decoder(cfg, capture, scale).apply(variables, embeds, attention_mask, visual_pos,
+                                             cache)
 
 
 def lm_head_kernel(cfg: MllmConfig, params: dict) -> jax.Array:
@@ -298,22 +313,25 @@ def _check_pixels(cfg: MllmConfig, input_ids, pixel_values):
                      f"{input_ids.shape[0]}.")
 
 
+def image_embeds(cfg: MllmConfig, params: dict, pixel_values: jax.Array) -> jax.Array:
+  """Vision tower -> adapter -> (TAF) post-connector: [B, H, W, 3] -> [B, Nv, D]."""
+  return post(cfg, params, adapt(cfg, params, encode_images(cfg, params, pixel_values)))
+
+
 def forward(cfg: MllmConfig, params: dict, input_ids: jax.Array,
             pixel_values: jax.Array, attention_mask: jax.Array | None = None,
-            attn_layers: tuple = (), lora: dict | None = None,
-            lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
-  """Full model: logits float32 [B, L, V], inter (public contract, DESIGN §3).
+            attn_layers: tuple = (), lora: Lora | None = None) -> tuple[jax.Array, dict]:
+  """Full model: logits float32 [B, L, V], inter (the public entry point).
 
-  `lora`/`lora_scale`: unmerged LoRA factors for the decoder, see `decode`.
+  inter["visual_attn"]: f32 [len(attn_layers), B, Nv, Nv]. `lora`: unmerged LoRA factors
+  for the decoder, see `decode`.
   """
   _check_pixels(cfg, input_ids, pixel_values)
   nv = num_visual_tokens(cfg)
   pos, _ = visual_positions(input_ids, cfg.image_token_id, nv)
-  image_embeds = post(cfg, params, adapt(cfg, params, encode_images(cfg, params,
-                                                                    pixel_values)))
-  embeds = embed(cfg, params, input_ids, image_embeds)
-  hidden, inter = decode(cfg, params, embeds, attention_mask, tuple(attn_layers), pos,
-                         lora=lora, lora_scale=lora_scale)
+  embeds = embed(cfg, params, input_ids, image_embeds(cfg, params, pixel_values))
+  hidden, inter = decode(cfg, params, embeds, attention_mask, Capture(tuple(attn_layers)),
+                         pos, lora=lora)
   logits = jnp.einsum("bld,dv->blv", hidden,
                       lm_head_kernel(cfg, params).astype(hidden.dtype),
                       preferred_element_type=jnp.float32)

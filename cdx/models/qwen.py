@@ -11,8 +11,9 @@ grouped-query attention (num_kv_heads <= num_heads), tied or untied LM head.
   lm(ids, attention_mask, cache) -> (logits, inter): the three above chained
 
 Without a cache, positions are 0..L-1 in every row (right padding) and the mask is
-causal AND attention_mask[key]. Layers listed in `attn_layers` also return the visual
-attention summary (see cdx/models/attention.py): inter["visual_attn"] f32 [K, B, Nv, Nv].
+causal AND attention_mask[key]. What a call records besides the hidden states is one
+static `Capture` spec: the layers in `Capture.layers` also return the visual attention
+summary (see cdx/models/attention.py): inter["visual_attn"] f32 [K, B, Nv, Nv].
 
 KV cache (for generation; a plain pytree, see `init_cache`):
   {"k": [num_layers, B, S, num_kv_heads, head_dim], "v": same, "lengths": int32 [B]}
@@ -30,6 +31,7 @@ num_layers, cdx/models/stack.py converts) and one `lax.scan` runs them.
 
 LoRA, factored (as PEFT computes it): pass the factors as a second variable collection,
   Decoder(cfg, lora_scale=alpha / rank).apply({"params": p, "lora": f}, ...)
+(the scale is set once on the Decoder and reaches every linear inside its `Numerics`)
 with f mirroring p and {"a": [in, r], "b": [r, out]} at a linear's kernel path (the
 layout of cdx/train/lora.py, e.g. f["layers_0"]["attn"]["q"]["kernel"]["a"]). Each decoder
 linear with factors computes y = x W (+ bias) + ((x a) b) * lora_scale in the compute
@@ -126,6 +128,37 @@ def init_cache(cfg: QwenConfig, batch_size: int, max_len: int,
           "lengths": jnp.zeros((batch_size,), jnp.int32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Capture:
+  """What a decoder call records besides the hidden states (static and hashable).
+
+  layers: the layers whose visual attention summary is returned, inter["visual_attn"]
+    f32 [len(layers), B, Nv, Nv] in this order (needs the visual positions).
+  full_attn: also their per-head maps inter["full_attn"] f32 [K, B, H, L, L] (diagnostic,
+    and the official formulation's memory layout).
+  """
+  layers: tuple[int, ...] = ()
+  full_attn: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+
+  def extras(self, layer: int) -> tuple[str, ...]:
+    """Names of what layer `layer` records ("visual_attn", "full_attn"); () if nothing."""
+    if layer not in self.layers:
+      return ()
+    return ("visual_attn", "full_attn") if self.full_attn else ("visual_attn",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """How the layers compute: compute / param dtypes and the LoRA scale alpha / rank of
+  the factors in the "lora" collection (if any). Set once by `Decoder`."""
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lora_scale: float = 1.0
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotate-half RoPE on x [B, T, H, Dh] at positions int [B, T]; maths in float32."""
   dh = x.shape[-1]
@@ -156,31 +189,26 @@ class Linear(nn.Module):
   collection holds {"a", "b"} for this layer's kernel (see the module docstring)."""
   features: int
   use_bias: bool
-  dtype: Any
-  param_dtype: Any
-  lora_scale: float = 1.0
+  num: Numerics
 
   @nn.compact
   def __call__(self, x):
+    dtype = self.num.dtype
     kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
-                        self.param_dtype)
-    x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
+                        self.num.param_dtype)
+    x = x.astype(dtype)
+    y = jnp.dot(x, kernel.astype(dtype))
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.num.param_dtype)
+      y = y + bias.astype(dtype)
     if self.has_variable("lora", "kernel"):
       factors = self.get_variable("lora", "kernel")
-      a, b = factors["a"].astype(self.dtype), factors["b"].astype(self.dtype)
+      a, b = factors["a"].astype(dtype), factors["b"].astype(dtype)
       if a.shape[0] != kernel.shape[0] or b.shape[1] != kernel.shape[1]:
         raise ValueError(f"LoRA factors a{a.shape} b{b.shape} at {'/'.join(self.path)} "
                          f"do not fit its kernel {kernel.shape}.")
-      y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.lora_scale, self.dtype)
+      y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.num.lora_scale, dtype)
     return y
-
-
-def _dense(features, name, dtype, param_dtype, bias, lora_scale=1.0):
-  return Linear(features, bias, dtype, param_dtype, lora_scale, name=name)
 
 
 def _only_when(flag: jax.Array | None, fn) -> jax.Array:
@@ -196,19 +224,15 @@ def _only_when(flag: jax.Array | None, fn) -> jax.Array:
 
 class _Attention(nn.Module):
   cfg: QwenConfig
-  dtype: Any
-  param_dtype: Any
-  capture: bool = False
-  full_attn: bool = False
-  lora_scale: float = 1.0
+  num: Numerics
+  capture: tuple[str, ...] = ()  # Capture.extras of this layer
 
   @nn.compact
   def __call__(self, x, positions, mask, visual_pos, kv, when=None):
     cfg = self.cfg
     b, t, _ = x.shape
-    proj = lambda n, heads, bias: _dense(heads * cfg.head_dim, n, self.dtype,
-                                         self.param_dtype, bias, self.lora_scale)(
-                                             x).reshape(b, t, heads, cfg.head_dim)
+    proj = lambda n, heads, bias: Linear(heads * cfg.head_dim, bias, self.num, name=n)(
+        x).reshape(b, t, heads, cfg.head_dim)
     q = apply_rope(proj("q", cfg.num_heads, True), positions, cfg.rope_theta)
     k = apply_rope(proj("k", cfg.num_kv_heads, True), positions, cfg.rope_theta)
     v = proj("v", cfg.num_kv_heads, True)
@@ -219,30 +243,26 @@ class _Attention(nn.Module):
           c, new.astype(c.dtype), (s, 0, 0)))
       cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
       new_kv = (cache_k, cache_v)
-      k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
+      k, v = cache_k.astype(self.num.dtype), cache_v.astype(self.num.dtype)
     out = attention.attend(q, k, v, mask)
     extras = {}
-    if self.capture:
+    if "visual_attn" in self.capture:
       extras["visual_attn"] = _only_when(
           when, lambda: attention.visual_summary(q, k, mask, visual_pos))
-    if self.full_attn:
+    if "full_attn" in self.capture:
       extras["full_attn"] = _only_when(when, lambda: attention.full_probs(q, k, mask))
-    out = _dense(cfg.hidden_size, "o", self.dtype, self.param_dtype, False,
-                 self.lora_scale)(
+    out = Linear(cfg.hidden_size, False, self.num, name="o")(
         out.reshape(b, t, cfg.num_heads * cfg.head_dim))
     return out, extras, new_kv
 
 
 class _Mlp(nn.Module):
   cfg: QwenConfig
-  dtype: Any
-  param_dtype: Any
-  lora_scale: float = 1.0
+  num: Numerics
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype, False,
-                                   self.lora_scale)
+    dense = lambda n, name: Linear(n, False, self.num, name=name)
     gate = dense(self.cfg.mlp_dim, "gate")(x)
     up = dense(self.cfg.mlp_dim, "up")(x)
     return dense(self.cfg.hidden_size, "down")(nn.silu(gate) * up)
@@ -250,23 +270,17 @@ class _Mlp(nn.Module):
 
 class DecoderLayer(nn.Module):
   cfg: QwenConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  capture: bool = False
-  full_attn: bool = False
-  lora_scale: float = 1.0
+  num: Numerics = Numerics()
+  capture: tuple[str, ...] = ()  # Capture.extras of this layer
 
   @nn.compact
   def __call__(self, x, positions, mask, visual_pos, kv, when=None):
-    norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype,
+    norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.num.dtype, self.num.param_dtype,
                                 name=name)
-    h, extras, new_kv = _Attention(self.cfg, self.dtype, self.param_dtype, self.capture,
-                                   self.full_attn, self.lora_scale, name="attn")(
-                                       norm("input_norm")(x), positions, mask,
-                                       visual_pos, kv, when)
+    h, extras, new_kv = _Attention(self.cfg, self.num, self.capture, name="attn")(
+        norm("input_norm")(x), positions, mask, visual_pos, kv, when)
     x = x + h
-    x = x + _Mlp(self.cfg, self.dtype, self.param_dtype, self.lora_scale, name="mlp")(
-        norm("post_norm")(x))
+    x = x + _Mlp(self.cfg, self.num, name="mlp")(norm("post_norm")(x))
     return x, extras, new_kv
 
 
@@ -278,21 +292,24 @@ class Decoder(nn.Module):
   rematerialized body, instead of num_layers unrolled `layers_{i}` modules. Same maths;
   the compiled program holds one layer, so compile time and (on XLA:CPU) the memory of
   remat and of compute-dtype weight casts stop growing with depth (docs/PERFORMANCE.md).
-  Captured layers are picked inside the scan by a per-layer flag; `full_attn` then
-  keeps a [B, H, L, L] slot per layer (zeros where not captured): a diagnostic.
+  Captured layers are picked inside the scan by a per-layer flag; `capture.full_attn`
+  then keeps a [B, H, L, L] slot per layer (zeros where not captured): a diagnostic.
   """
   cfg: QwenConfig
-  attn_layers: tuple = ()
-  full_attn: bool = False
+  capture: Capture = Capture()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str | None = None  # a jax.checkpoint_policies name, e.g. "nothing_saveable"
   lora_scale: float = 1.0  # alpha / rank of the factors in the "lora" collection, if any
   scan_layers: bool = False
 
+  @property
+  def num(self) -> Numerics:
+    return Numerics(self.dtype, self.param_dtype, self.lora_scale)
+
   def setup(self):
     cfg = self.cfg
-    bad = [i for i in self.attn_layers if not 0 <= i < cfg.num_layers]
+    bad = [i for i in self.capture.layers if not 0 <= i < cfg.num_layers]
     if bad:
       raise ValueError(f"attn_layers {bad} out of range for {cfg.num_layers} layers.")
     if self.remat and not hasattr(jax.checkpoint_policies, self.remat):
@@ -307,23 +324,18 @@ class Decoder(nn.Module):
       layer_cls = DecoderLayer
       if self.remat:
         layer_cls = nn.remat(DecoderLayer, policy=self._policy())
-      self.layers = [layer_cls(cfg, self.dtype, self.param_dtype,
-                               capture=i in self.attn_layers,
-                               full_attn=self.full_attn and i in self.attn_layers,
-                               lora_scale=self.lora_scale)
+      self.layers = [layer_cls(cfg, self.num, self.capture.extras(i))
                      for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
     if not cfg.tie_embeddings:
-      self.lm_head = _dense(cfg.vocab_size, None, self.dtype, self.param_dtype, False)
+      self.lm_head = Linear(cfg.vocab_size, False, Numerics(self.dtype, self.param_dtype))
 
   def _policy(self):
     return getattr(jax.checkpoint_policies, self.remat)
 
-  def _one_layer(self, capture: bool = False) -> DecoderLayer:
+  def _one_layer(self, capture: tuple[str, ...] = ()) -> DecoderLayer:
     """The (unbound) layer a scanned stack applies to each slice of its params."""
-    return DecoderLayer(self.cfg, self.dtype, self.param_dtype, capture=capture,
-                        full_attn=self.full_attn and capture,
-                        lora_scale=self.lora_scale, parent=None)
+    return DecoderLayer(self.cfg, self.num, capture, parent=None)
 
   def _init_stack(self, rng: jax.Array) -> dict:
     x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)
@@ -356,7 +368,7 @@ class Decoder(nn.Module):
     return self.logits(hidden)
 
   def _unrolled(self, x, positions, mask, visual_pos, cache):
-    """-> x, {name: [K, ...] in attn_layers order} of the captured extras, new (k, v)."""
+    """-> x, {name: [K, ...] in capture.layers order} of the captured extras, new (k, v)."""
     extras, new_k, new_v = {}, [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
@@ -366,16 +378,17 @@ class Decoder(nn.Module):
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
-    extras = {name: jnp.stack([by_layer[i] for i in self.attn_layers])
+    extras = {name: jnp.stack([by_layer[i] for i in self.capture.layers])
               for name, by_layer in extras.items()}
     return x, extras, (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None
 
   def _scanned(self, x, positions, mask, visual_pos, cache):
     """Same as `_unrolled` but extras hold a slot for every layer, in layer order."""
-    layer = self._one_layer(capture=bool(self.attn_layers))
+    layer = self._one_layer(self.capture.extras(self.capture.layers[0])
+                            if self.capture.layers else ())
     lora = self.get_variable("lora", "layers") if self.has_variable("lora", "layers") \
         else None
-    flags = jnp.asarray([i in self.attn_layers for i in range(self.cfg.num_layers)])
+    flags = jnp.asarray([i in self.capture.layers for i in range(self.cfg.num_layers)])
     kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
 
     def body(x, xs):
@@ -394,10 +407,10 @@ class Decoder(nn.Module):
     b, t, _ = embeds.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
-    if self.attn_layers and visual_pos is None:
+    if self.capture.layers and visual_pos is None:
       raise ValueError("attn_layers given but visual_pos is None: pass the visual "
                        "positions from visual_positions(...).")
-    if self.attn_layers and cache is not None:
+    if self.capture.layers and cache is not None:
       raise ValueError("attention capture is not supported together with a KV cache.")
     if cache is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -411,12 +424,12 @@ class Decoder(nn.Module):
     run = self._scanned if self.scan_layers else self._unrolled
     x, extras, new_kv = run(embeds.astype(self.dtype), positions, mask, visual_pos, cache)
     if self.scan_layers:  # One slot per layer: keep the captured ones, in the asked order.
-      extras = {name: value[jnp.asarray(self.attn_layers, jnp.int32)]
+      extras = {name: value[jnp.asarray(self.capture.layers, jnp.int32)]
                 for name, value in extras.items()}
     hidden = self.final_norm(x)
     nv = 0 if visual_pos is None else visual_pos.shape[1]
     inter = {"visual_attn": extras.get("visual_attn", jnp.zeros((0, b, nv, nv)))}
-    if self.full_attn:
+    if self.capture.full_attn:
       inter["full_attn"] = extras["full_attn"]
     if cache is not None:
       inter["cache"] = {"k": new_kv[0], "v": new_kv[1], "lengths": new_lengths}

@@ -1,1 +1,2 @@
-"""Training: parameter selection, LoRA, optimizer, the jitted step, the loop."""
+"""Training: parameter selection, LoRA, optimizer, the generic jitted step, the experiment
+builder (setup.py), the loop."""

@@ -17,7 +17,7 @@ U(±1/√in)) and ``b`` zeros, so at init the effective weight equals the base e
 Factors default to float32 (they are the trainable master copy) whatever W's dtype.
 
 The train step does not merge: it passes the factors to the model
-(`mllm.decode(..., lora=factors, lora_scale=alpha / rank)`), whose decoder linears compute
+(`mllm.decode(..., lora=mllm.Lora(factors, alpha / rank))`), whose decoder linears compute
 ``x W + ((x a) b) * alpha / rank`` as PEFT does, so no [in, out] f32 copy of W nor its
 gradient is ever formed (docs/PERFORMANCE.md §1). `merge_lora` (= `apply_lora`) folds the
 factors into the weights, to export or to hand the merged LLM to the next stage; the merged

@@ -32,7 +32,8 @@ import tqdm
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TB_DIR = "tb"
-_ADDED = ("step", "tokens_seen", "tokens_per_s", "elapsed_s")
+# Fields the writer adds to every record (never a metric name).
+ADDED_FIELDS = ("step", "tokens_seen", "tokens_per_s", "elapsed_s")
 
 
 def _to_scalar(name: str, value: Any) -> int | float | bool | None:
@@ -54,7 +55,7 @@ def _to_scalar(name: str, value: Any) -> int | float | bool | None:
 def _format_terms(record: Mapping[str, Any]) -> str:
   """'loss=2.31 lm=2.1 ...' for the console (bookkeeping fields left out)."""
   return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in record.items() if k not in _ADDED)
+                  for k, v in record.items() if k not in ADDED_FIELDS)
 
 
 def _kept_lines(path: str, resume_step: int) -> list[str]:
@@ -135,7 +136,7 @@ class MetricsWriter:
     """
     if "loss" not in metrics:
       raise ValueError(f"metrics must contain 'loss'; got keys {sorted(metrics)}")
-    clash = sorted(set(metrics) & set(_ADDED))
+    clash = sorted(set(metrics) & set(ADDED_FIELDS))
     if clash:
       raise ValueError(f"metric names {clash} are reserved (added by MetricsWriter)")
     now = time.monotonic()
@@ -181,7 +182,7 @@ class MetricsWriter:
         "wall_time_s": round(wall, 3),
         "tokens_seen": self._tokens,
         "tokens_per_s": round(self._tokens / max(wall, 1e-9), 3),
-        "final": {k: v for k, v in (self.last or {}).items() if k not in _ADDED},
+        "final": {k: v for k, v in (self.last or {}).items() if k not in ADDED_FIELDS},
         "outputs": dict(outputs or {}),
         **extra,
     }

@@ -16,13 +16,8 @@ args; defaults = SPEC §7):
 Schedule: linear warmup 0 → lr over ceil(warmup_ratio · total) steps, then cosine to 0 at
 `total_steps` (HF `get_cosine_schedule_with_warmup`). Steps count optimizer updates.
 
-Gradient accumulation is done *before* the optimizer, not with `optax.MultiSteps`: the step
-receives a batch with a leading micro-batch axis ``[A, B/A, ...]`` (`split_microbatches`,
-strided so that every micro-batch keeps rows on every device of a batch-sharded mesh)
-and `accumulate_gradients` scans over it, averaging grads and metrics; the optimizer then
-sees one update per global batch. So one jitted call = one optimizer step, the schedule
-counts real updates, and there is no extra accumulator in the optimizer state. Micro-batches
-are weighted equally (each loss is already a mean over its own tokens).
+Gradient accumulation is done before the optimizer, in the train step
+(cdx/train/step.py): the optimizer sees one update per global batch.
 
 Skip-non-finite: when the loss (passed as ``loss=``) or any gradient is NaN/Inf, the update
 is all zeros and the inner state is left unchanged; `OptState.skipped` counts such steps.
@@ -186,47 +181,3 @@ def make_optimizer(cfg: Any, total_steps: int, trainable_tree: PyTree,
   if c["skip_nonfinite"]:
     return skip_nonfinite(tx)
   return optax.with_extra_args_support(tx)
-
-
-def split_microbatches(batch: PyTree, num: int) -> PyTree:
-  """[B, ...] leaves -> [num, B/num, ...], row i*num + j going to micro-batch j.
-
-  Strided, not contiguous: with the batch sharded over devices each micro-batch still
-  holds rows of every device, so no data moves. Raises if B is not divisible by `num`.
-
-  Built as a stack of strided slices ``x[j::num]``, never as ``reshape`` + ``swapaxes``:
-  the reshape form (the same values) makes XLA's SPMD partitioner compute wrong
-  gradients on meshes with both fsdp and tensor > 1 once they are sharded like the
-  params (docs/bugs/reshape_microbatch_grads.md has a standalone reproducer).
-  """
-
-  def split(x):
-    if x.shape[0] % num:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={num}.")
-    return jnp.stack([x[j::num] for j in range(num)])
-
-  if num < 1:
-    raise ValueError(f"micro_batches={num} must be >= 1.")
-  return jax.tree_util.tree_map(split, batch)
-
-
-def accumulate_gradients(grad_fn: Callable, trainable: PyTree,
-                         microbatches: PyTree) -> tuple[PyTree, PyTree]:
-  """Mean (grads, aux) of `grad_fn(trainable, microbatch) -> (grads, aux)` over axis 0.
-
-  Uses `lax.scan` so only one micro-batch's activations live at a time; grads accumulate
-  in float32.
-  """
-
-  def body(acc, mb):
-    grads, aux = grad_fn(trainable, mb)
-    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
-    acc = jax.tree_util.tree_map(jnp.add, acc, (grads, aux))
-    return acc, None
-
-  first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
-  shapes = jax.eval_shape(grad_fn, trainable, first)
-  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-  total, _ = jax.lax.scan(body, zeros, microbatches)
-  n = jax.tree_util.tree_leaves(microbatches)[0].shape[0]
-  return jax.tree_util.tree_map(lambda x: x / n, total)

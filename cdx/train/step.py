@@ -1,13 +1,12 @@
-"""The jitted, mesh-sharded train step: LM + KD + visual-attention alignment (SPEC §5).
+"""The jitted, mesh-sharded train step: generic over the loss it is given.
 
-Data flow of one step (DESIGN §1), every arrow a pure function of pytrees:
+  loss_fn(diff, frozen, teacher, batch) -> (loss f32[], metrics)   # metrics["loss"] = loss
+  train_step = make_train_step(loss_fn, tx, schedule, micro_batches)
+  state, metrics = train_step(state, frozen, teacher, batch)
 
-  pixels ─► vision tower (once) ─► adapter (once; the teacher's for TAF) ─┬─► teacher decoder
-                                                                          │   (no grad; band
-                                                                          │   attention kept)
-                                                  student post-connector ─┴─► student decoder
-  hidden states of both ─► chunked LM head: CE + KD per chunk, no [B, L, V] tensor
-  attention summaries [K, B, Nv, Nv] of both ─► attention-alignment loss
+`diff` = (trainable params, LoRA factors) is what is differentiated and updated; the
+distillation loss of a stage is built by `cdx.train.setup.make_loss_fn` from
+`cdx.distill.objective.compute_loss` (or the official formulation beside it).
 
 State (what is checkpointed; only trainable leaves have optimizer state):
   {"step": int32[], "params": trainable partition of the student tree,
@@ -15,6 +14,15 @@ State (what is checkpointed; only trainable leaves have optimizer state):
 The frozen rest of the student ("frozen") and the teacher ("teacher", without the vision
 tower and — for TAF — without the adapter, which the student tree already holds) are
 separate arguments: never donated, never differentiated.
+
+Gradient accumulation is done *before* the optimizer, not with `optax.MultiSteps`: with
+`micro_batches` > 1 the batch gets a leading micro-batch axis ``[A, B/A, ...]``
+(`split_microbatches`, strided so that every micro-batch keeps rows on every device of a
+batch-sharded mesh) and `accumulate_gradients` scans over it, averaging grads and
+metrics; the optimizer then sees one update per global batch. So one jitted call = one
+optimizer step, the schedule counts real updates, and there is no extra accumulator in the
+optimizer state. Micro-batches are weighted equally (each loss is already a mean over its
+own tokens).
 
 Compiling for a mesh (`jit_train_step`): trainable params, LoRA factors, Adam moments and
 the frozen/teacher trees are sharded by `cdx.parallel`'s path rules, the batch's leading dim
@@ -35,45 +43,9 @@ import jax.numpy as jnp
 import optax
 
 from cdx import parallel
-from cdx.distill import losses
 from cdx.models import mllm
-from cdx.train import optim
-from cdx.train import params as params_lib
-from cdx.train import reference
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """Static description of the loss (hashable: part of the compiled step)."""
-  lm: float = 1.0
-  kd: float = 0.0
-  attn: float = 0.0
-  kd_kind: str = "forward"
-  kd_temperature: float = 1.0
-  kd_beta: float = 0.5
-  kd_mask: str = "shifted"
-  attn_variant: str = "official"
-  chunk_size: int = 256
-  student_layers: tuple[int, ...] = ()
-  teacher_groups: tuple[tuple[int, ...], ...] = ()
-  taf: bool = True
-
-  @property
-  def uses_teacher(self) -> bool:
-    return self.kd > 0 or self.attn > 0
-
-  @property
-  def teacher_layers(self) -> tuple[int, ...]:
-    """The teacher layers whose attention is captured, sorted, each once."""
-    return tuple(sorted({l for g in self.teacher_groups for l in g}))
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-  rank: int
-  alpha: float
 
 
 def init_state(trainable: PyTree, lora: PyTree, tx: optax.GradientTransformation,
@@ -83,120 +55,28 @@ def init_state(trainable: PyTree, lora: PyTree, tx: optax.GradientTransformation
           "nonfinite": jnp.zeros((), jnp.int32)}
 
 
-def _student_params(trainable, lora, frozen, lora_spec) -> tuple[PyTree, dict]:
-  """(full student tree, LoRA keyword arguments of `compute_loss`): never merged."""
-  params = params_lib.merge(trainable, frozen)
-  if lora_spec is None or not lora:
-    return params, {}
-  return params, {"lora": lora, "lora_scale": lora_spec.alpha / lora_spec.rank}
-
-
-def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
-                 obj: Objective, params: PyTree, teacher: PyTree | None,
-                 batch: dict, lora: PyTree | None = None,
-                 lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
-  """Total loss and its terms for one (micro-)batch. `params` is the full student tree;
-  `lora` its LoRA factors (or None), applied factored with `lora_scale` = alpha / rank."""
-  ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-  nv = mllm.num_visual_tokens(student_cfg)
-  vis_pos, has_image = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
-  has_image = jnp.logical_and(has_image, batch["has_image"])
-
-  # One vision forward and one adapter forward serve both models (frozen: no grad needed).
-  feats = jax.lax.stop_gradient(mllm.encode_images(student_cfg, params, batch["pixel_values"]))
-  adapted = mllm.adapt(student_cfg, params, feats)
-  s_img = mllm.post(student_cfg, params, adapted)
-  s_emb = mllm.embed(student_cfg, params, ids, s_img)
-  s_hidden, s_inter = mllm.decode(student_cfg, params, s_emb, mask,
-                                  attn_layers=obj.student_layers if obj.attn > 0 else (),
-                                  visual_pos=vis_pos, lora=lora, lora_scale=lora_scale)
-
-  t_hidden = t_head = None
-  t_layout = "dv"
-  metrics = {}
-  if obj.uses_teacher:
-    t_params = teacher
-    if obj.taf:  # The TAF student's adapter *is* the teacher's: reuse its output.
-      t_img = jax.lax.stop_gradient(adapted)
-    else:
-      t_img = mllm.adapt(teacher_cfg, t_params, feats)
-    t_emb = mllm.embed(teacher_cfg, t_params, ids, t_img)
-    t_hidden, t_inter = mllm.decode(teacher_cfg, t_params, t_emb, mask,
-                                    attn_layers=obj.teacher_layers if obj.attn > 0 else (),
-                                    visual_pos=vis_pos)
-    t_hidden = jax.lax.stop_gradient(t_hidden)
-    t_head, t_layout = mllm.lm_head(teacher_cfg, t_params)
-    t_head = jax.lax.stop_gradient(t_head)
-
-  kd_options = losses.KDOptions(temperature=obj.kd_temperature, kind=obj.kd_kind,
-                                beta=obj.kd_beta, mask=obj.kd_mask)
-  # Heads in their stored layout: a tied [V, D] table is contracted as is, not transposed.
-  s_head, s_layout = mllm.lm_head(student_cfg, params)
-  sums = losses.lm_kd_chunked(
-      s_hidden, s_head, t_hidden if obj.kd > 0 else None, t_head if obj.kd > 0 else None,
-      labels, chunk_size=obj.chunk_size, kd_options=kd_options,
-      head_layouts=(s_layout, t_layout if obj.kd > 0 else "dv"))
-  lm_loss = sums.lm_sum / jnp.maximum(sums.lm_count, 1)
-  total = obj.lm * lm_loss
-  metrics["lm"] = lm_loss
-  metrics["tokens"] = sums.lm_count
-  if obj.kd > 0:
-    kd_loss = sums.kd_sum / jnp.maximum(sums.kd_count, 1)
-    total = total + obj.kd * kd_loss
-    metrics["kd"] = kd_loss
-  if obj.attn > 0:
-    t_attn = losses.teacher_group_average(jax.lax.stop_gradient(t_inter["visual_attn"]),
-                                          obj.teacher_groups, obj.teacher_layers)
-    total = total + attention_term(obj, s_inter["visual_attn"], t_attn, has_image, metrics)
-  metrics["loss"] = total
-  return total, metrics
-
-
-def attention_term(obj: Objective, s_attn: jax.Array, t_attn: jax.Array,
-                   has_image: jax.Array, metrics: dict) -> jax.Array:
-  """Weighted VAT loss of [K, B, Nv, Nv] blocks; records it and the per-pair cosine."""
-  attn_loss = losses.attention_alignment_loss(s_attn, t_attn, has_image=has_image,
-                                              variant=obj.attn_variant)
-  metrics["attn"] = attn_loss
-  metrics["attn_cos"] = jax.lax.stop_gradient(
-      losses.attention_cosine(s_attn, t_attn, has_image=has_image))
-  return obj.attn * attn_loss
-
-
-def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
-                    obj: Objective, tx: optax.GradientTransformationExtraArgs,
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformationExtraArgs,
                     schedule: Callable[[jax.Array], jax.Array],
-                    lora_spec: LoraSpec | None = None, micro_batches: int = 1,
-                    formulation: str = "cdx") -> Callable:
+                    micro_batches: int = 1) -> Callable:
   """Returns `train_step(state, frozen, teacher, batch) -> (state, metrics)` (not jitted).
 
-  `formulation`: "cdx" (`compute_loss`) or "official" (`cdx.train.reference.compute_loss`:
-  the same loss with the official code's memory layout, for benchmarks only).
-
-  `tx` is `cdx.train.optim.make_optimizer(...)`: its skip-non-finite wrapper leaves params
-  and optimizer state untouched on a NaN/Inf loss or gradient. With `micro_batches` > 1 the
+  `loss_fn(diff, frozen, teacher, batch) -> (loss, metrics)` with metrics["loss"] and,
+  summed over micro-batches, metrics["tokens"]. `tx` is
+  `cdx.train.optim.make_optimizer(...)`: its skip-non-finite wrapper leaves params and
+  optimizer state untouched on a NaN/Inf loss or gradient. With `micro_batches` > 1 the
   batch is split (strided) and gradients are averaged in a scan before the one update.
   """
 
-  if formulation == "cdx":
-    loss_impl = compute_loss
-  elif formulation == "official":
-    loss_impl = reference.compute_loss
-  else:
-    raise ValueError(f"formulation={formulation!r}; use 'cdx' or 'official'.")
-
   def train_step(state, frozen, teacher, batch):
     def grad_fn(diff, batch):
-      def loss_fn(diff):
-        params, lora_kw = _student_params(diff[0], diff[1], frozen, lora_spec)
-        return loss_impl(student_cfg, teacher_cfg, obj, params, teacher, batch, **lora_kw)
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
+      loss = lambda diff: loss_fn(diff, frozen, teacher, batch)
+      (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(diff)
       return grads, metrics
 
     diff = (state["params"], state["lora"])
     if micro_batches > 1:
-      grads, metrics = optim.accumulate_gradients(
-          grad_fn, diff, optim.split_microbatches(batch, micro_batches))
+      grads, metrics = accumulate_gradients(
+          grad_fn, diff, split_microbatches(batch, micro_batches))
       # Metrics are micro-batch means; the token count is a total (an int, as without).
       metrics["tokens"] = jnp.round(metrics["tokens"] * micro_batches).astype(jnp.int32)
     else:
@@ -219,6 +99,50 @@ def make_train_step(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig |
     return new_state, metrics
 
   return train_step
+
+
+def split_microbatches(batch: PyTree, num: int) -> PyTree:
+  """[B, ...] leaves -> [num, B/num, ...], row i*num + j going to micro-batch j.
+
+  Strided, not contiguous: with the batch sharded over devices each micro-batch still
+  holds rows of every device, so no data moves. Raises if B is not divisible by `num`.
+
+  Built as a stack of strided slices ``x[j::num]``, never as ``reshape`` + ``swapaxes``:
+  the reshape form (the same values) makes XLA's SPMD partitioner compute wrong
+  gradients on meshes with both fsdp and tensor > 1 once they are sharded like the
+  params (docs/bugs/reshape_microbatch_grads.md has a standalone reproducer).
+  """
+
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={num}.")
+    return jnp.stack([x[j::num] for j in range(num)])
+
+  if num < 1:
+    raise ValueError(f"micro_batches={num} must be >= 1.")
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulate_gradients(grad_fn: Callable, trainable: PyTree,
+                         microbatches: PyTree) -> tuple[PyTree, PyTree]:
+  """Mean (grads, aux) of `grad_fn(trainable, microbatch) -> (grads, aux)` over axis 0.
+
+  Uses `lax.scan` so only one micro-batch's activations live at a time; grads accumulate
+  in float32.
+  """
+
+  def body(acc, mb):
+    grads, aux = grad_fn(trainable, mb)
+    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+    acc = jax.tree_util.tree_map(jnp.add, acc, (grads, aux))
+    return acc, None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
+  shapes = jax.eval_shape(grad_fn, trainable, first)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+  total, _ = jax.lax.scan(body, zeros, microbatches)
+  n = jax.tree_util.tree_leaves(microbatches)[0].shape[0]
+  return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
 @dataclasses.dataclass(frozen=True)

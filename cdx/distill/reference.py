@@ -1,16 +1,17 @@
-"""The loss computed the way the official PyTorch code does it (SPEC §8, left column).
+"""The loss computed the way the official PyTorch code does it (docs/METHOD.md §8).
 
-Same signature and result as `cdx.train.step.compute_loss`; only the memory layout differs.
-It exists to measure what the cdx formulation saves (launch/bench.py, tests/test_memory.py):
+Same signature and result as `cdx.distill.objective.compute_loss`; only the memory layout
+differs. It exists to measure what the cdx formulation saves (launch/bench.py,
+tests/test_memory.py): pass it as the loss of a train step,
 
-  step.make_train_step(..., formulation="official")
+  setup.make_loss_fn(student_cfg, teacher_cfg, obj, lora_spec, reference.compute_loss)
 
 What the official code keeps, and how it is reproduced here:
   * vision tower (and TAF adapter) run once per model      -> two `encode_images` calls
   * `output_attentions=True`: eager attention, every layer's
     per-head map [B, H, L, L] of both models held in the
-    returned `attentions` tuple until the loss              -> `decode(attn_layers=all,
-                                                               full_attn=True)`; one
+    returned `attentions` tuple until the loss              -> `decode(Capture(all,
+                                                               full_attn=True))`; one
                                                                optimization_barrier over all
                                                                maps keeps them live together
                                                                (XLA would otherwise drop the
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdx.distill import losses
+from cdx.distill import objective
 from cdx.models import mllm
-from cdx.train import step  # noqa: F401  (attention_term; step imports this module too)
 
 PyTree = Any
 
@@ -52,10 +53,9 @@ def _logits(cfg: mllm.MllmConfig, params: dict, hidden: jax.Array) -> jax.Array:
 
 
 def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
-                 obj, params: PyTree, teacher: PyTree | None,
-                 batch: dict, lora: PyTree | None = None,
-                 lora_scale: float = 1.0) -> tuple[jax.Array, dict]:
-  """Total loss and its terms, official memory layout. `obj` is a `step.Objective`.
+                 obj: objective.Objective, params: PyTree, teacher: PyTree | None,
+                 batch: dict, lora: mllm.Lora | None = None) -> tuple[jax.Array, dict]:
+  """Total loss and its terms, official memory layout.
 
   `lora` (student only) is applied factored, as PEFT does in the official code."""
   ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -73,9 +73,9 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
       img = mllm.post(cfg, post_params, img)
     emb = mllm.embed(cfg, llm_params, ids, img)
     layers = tuple(range(cfg.text.num_layers)) if keep_maps else ()
-    hidden, inter = mllm.decode(cfg, llm_params, emb, mask, attn_layers=layers,
-                                visual_pos=vis_pos, full_attn=keep_maps, lora=lora,
-                                lora_scale=lora_scale)
+    hidden, inter = mllm.decode(cfg, llm_params, emb, mask,
+                                mllm.Capture(layers, full_attn=keep_maps),
+                                visual_pos=vis_pos, lora=lora)
     return _logits(cfg, llm_params, hidden), inter.get("full_attn")
 
   s_logits, s_maps = run(student_cfg, params, params, params, lora)
@@ -99,6 +99,6 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   if keep_maps:
     s_attn = visual_block(s_maps, vis_pos)[np.asarray(obj.student_layers)]
     t_attn = losses.teacher_group_average(visual_block(t_maps, vis_pos), obj.teacher_groups)
-    total = total + step.attention_term(obj, s_attn, t_attn, has_image, metrics)
+    total = total + objective.attention_term(obj, s_attn, t_attn, has_image, metrics)
   metrics["loss"] = total
   return total, metrics
