@@ -46,8 +46,10 @@ COLORS = {
     "cyan": (40, 220, 230),
 }
 SIZES = ("small", "large")
-# Radius of the shape's bounding circle, as a fraction of the image side.
-RADIUS = {"small": 0.08, "large": 0.14}
+# Radius of the shape's bounding circle, as a fraction of the image side. At 64 px with
+# 8 px patches (the tiny presets' SigLIP) a small object spans ~2 patches, a large ~3, so
+# its shape shows in more than one patch (it was ~1 and ~2 before, too small to learn).
+RADIUS = {"small": 0.12, "large": 0.18}
 BACKGROUND = (120, 120, 120)
 
 RELATIONS = ("left", "right", "above", "below")
