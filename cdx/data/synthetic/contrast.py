@@ -110,14 +110,17 @@ def _cue_ok(pos: grammar.Caption, neg: grammar.Caption, spec: Spec) -> bool:
 # Positives.
 
 def positive(subset: str, scene: world.Scene, rng: np.random.Generator,
-             focus: int | None = None) -> grammar.Caption | None:
-  """A true caption shaped for the subset, naming object `focus` when given.
+             focus: int | None = None, avoid: int | None = None,
+             ) -> grammar.Caption | None:
+  """A true caption shaped for the subset, naming object `focus` and never object `avoid`
+  when given.
 
   swap_obj / replace_rel: one relation; add_obj: 2-3 noun phrases (one becomes the added
   object); add_att: one attribute left out so the negative has a slot to fill.
   """
-  n = len(scene.objects)
-  if subset in NEEDS_TWO and n < 2:
+  usable = [i for i in range(len(scene.objects)) if i != avoid]
+  n = len(usable)
+  if n < (2 if subset in NEEDS_TWO else 1):
     return None
   relational = subset in ("swap_obj", "replace_rel") or (
       subset != "add_obj" and n >= 2 and rng.integers(3) == 0)
@@ -127,7 +130,7 @@ def positive(subset: str, scene: world.Scene, rng: np.random.Generator,
     k = int(rng.integers(2, min(3, n) + 1))
   else:
     k = int(rng.integers(1, min(2, n) + 1))
-  order = [int(i) for i in rng.permutation(n)]
+  order = [usable[int(i)] for i in rng.permutation(n)]
   if focus is not None:  # the focus object must be among the first k
     order.remove(focus)
     order.insert(int(rng.integers(k)), focus)
@@ -243,11 +246,14 @@ def negatives(subset: str, pos: grammar.Caption, scene: world.Scene,
 
 
 def pair(subset: str, scene: world.Scene, rng: np.random.Generator, spec: Spec,
-         focus: int | None = None) -> tuple[str, str] | None:
-  """(positive, negative) caption texts for the scene, or None if this draw has none."""
+         focus: int | None = None, avoid: int | None = None) -> tuple[str, str] | None:
+  """(positive, negative) caption texts for the scene, or None if this draw has none.
+
+  focus / avoid: an object the positive must / must not name (`positive`).
+  """
   if subset not in SUBSETS:
     raise ValueError(f"subset={subset!r} is not one of {SUBSETS}.")
-  pos = positive(subset, scene, rng, focus)
+  pos = positive(subset, scene, rng, focus, avoid)
   if pos is None or names_twice(pos) or not grammar.is_true(pos, scene):
     return None
   if not grammar.mentioned_combos(pos) <= spec.combos:

@@ -384,15 +384,18 @@ def sugarcrepe_item(subset: str, index: int, seed: int, pool: Pool, image_dir: s
   spec = contrast.Spec(frozenset(pool.combos), frozenset(pool.focus), "eval",
                        longer=None if subset == "swap_obj"
                        else ("neg", "pos")[index % 2], cue=cue)
-  min_objects = 2 if subset in contrast.NEEDS_TWO else 1
+  # With cue "neg" the positive leaves the focus (object 0) out, so one more object.
+  min_objects = (2 if subset in contrast.NEEDS_TWO else 1) + (cue == "neg")
   focus = 0 if cue in ("pos", "both") else None
+  avoid = 0 if cue == "neg" else None
   while True:
     scene = pool.scene(rng, int(rng.integers(min_objects, 5)))
-    captions = contrast.pair(subset, scene, rng, spec, focus)
-    if captions is not None:
-      image = f"{image_dir}/{subset}_{index:06d}.png"
-      return {"filename": image, "caption": captions[0],
-              "negative_caption": captions[1]}, scene
+    for _ in range(4):  # a few positives per scene: most are rejected (contrast.pair)
+      captions = contrast.pair(subset, scene, rng, spec, focus, avoid)
+      if captions is not None:
+        image = f"{image_dir}/{subset}_{index:06d}.png"
+        return {"filename": image, "caption": captions[0],
+                "negative_caption": captions[1]}, scene
 
 
 def winoground_item(index: int, seed: int, pool: Pool, image_dir: str,
