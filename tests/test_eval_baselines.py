@@ -86,5 +86,10 @@ def test_blind_copy_and_text_baselines_of_an_export(tmp_path):
   assert rows["seen"]["n"] == {s: 4 for s in text.SUGARCREPE_SUBSETS}
   assert {"shorter", "names_heldout", "lm_likelier"} <= set(rows["heldout"]["heuristics"])
   json.dumps(rows)  # report-ready
+  prior = baselines.vqa_prior(data)
+  assert set(prior) == {"seen", "heldout"}
+  assert 0.0 <= prior["seen"]["accuracy"] <= 1.0 and prior["seen"]["by_category"]
+  assert baselines.question_template("What color is the large circle?" + text.VQA_SUFFIX) \
+      == "what color is the <size> <shape>"
   with pytest.raises(ValueError, match="eval/"):
     baselines.blind_export(str(tmp_path), str(tmp_path / "x"))

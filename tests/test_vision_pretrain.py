@@ -31,11 +31,30 @@ def test_sigmoid_loss_matches_its_definition_and_prefers_matching_pairs():
 def test_tokenize_knows_every_caption_word():
   vocab = vp.vocabulary()
   samples = vp.world_samples(0, 0, 50)
-  ids = vp.tokenize([c for _, c in samples], vocab)
-  assert ids.shape == (50, vp.MAX_WORDS) and (ids != 1).all()  # 1 = <unk>
-  assert ((ids > 0).sum(1) == [len(vp._split(c)) for _, c in samples]).all()
+  captions = [s[1] for s in samples] + [s[2] for s in samples if s[2]]
+  ids = vp.tokenize(captions, vocab)
+  assert ids.shape == (len(captions), vp.MAX_WORDS) and (ids != 1).all()  # 1 = <unk>
+  assert ((ids > 0).sum(1) == [len(vp._split(c)) for c in captions]).all()
 
 
+def test_samples_are_seen_scenes_with_a_true_caption_and_a_false_negative():
+  held = world.heldout_combos()
+  samples = vp.world_samples(3, 10, 40)
+  assert samples == vp.world_samples(3, 10, 40) and samples != vp.world_samples(4, 10, 40)
+  for scene, caption, negative in samples:
+    assert not {o.combo for o in scene.objects} & held
+    assert negative is not None and negative != caption
+    assert len(negative.split()) == len(caption.split())  # one field edited
+
+
+def test_patch_labels_mark_the_patches_under_each_object():
+  scene = world.Scene((world.Obj("star", "red", "large", 0.25, 0.25),))
+  labels = vp.patch_labels([scene], vp.siglip.get_config(TINY_VISION))[0].reshape(8, 8, 3)
+  assert tuple(labels[1, 1]) == (world.SHAPES.index("star"), 0, 1)
+  assert tuple(labels[6, 6]) == (len(world.SHAPES), len(world.COLORS), len(world.SIZES))
+
+
+@pytest.mark.slow
 def test_params_have_the_mllm_vision_layout_and_are_cached(tmp_path):
   cfg = mllm.make_config(SMALL, TINY_STUDENT, image_token_id=3)
   want = jax.eval_shape(lambda: mllm.init_params(cfg, jax.random.key(0)))["vision"]
@@ -49,8 +68,11 @@ def test_params_have_the_mllm_vision_layout_and_are_cached(tmp_path):
   again = vp.pretrain_vision(samples, SMALL, str(tmp_path), steps=2, seed=0, batch_size=8)
   assert os.path.getmtime(tmp_path / files[1]) == stamp  # loaded, not retrained
   jax.tree.map(np.testing.assert_array_equal, got, again)
-  vp.pretrain_vision(samples, SMALL, str(tmp_path), steps=3, seed=0, batch_size=8)
-  assert len(os.listdir(tmp_path)) == 4  # another key
+  settings = vp.Settings(steps=2, batch_size=8)
+  key = vp.cache_key(0, vp.siglip.get_config(SMALL), -2, settings)
+  assert key != vp.cache_key(0, vp.siglip.get_config(SMALL), -2,
+                             vp.Settings(steps=3, batch_size=8))
+  assert key != vp.cache_key(1, vp.siglip.get_config(SMALL), -2, settings)
   # The params run in the MLLM.
   feats = mllm.encode_images(cfg, {"vision": got}, jnp.zeros((1, 32, 32, 3)))
   assert feats.shape == (1, mllm.num_visual_tokens(cfg), SMALL["hidden_size"])

@@ -7,12 +7,15 @@ Two references for every results table, so a reader sees what the image adds:
                    the training texts finds more (or less) likely. A set free of text-only
                    shortcuts leaves every heuristic near 0.5 (binomial SE sqrt(0.25 / n):
                    0.022 at n = 500); the best of them is the "text-only" row.
+  VQA prior        each eval question answered with the commonest training answer to
+                   its template (`vqa_prior`): what a model that ignores the image gets.
   blind            the model itself on grey images: `blind_export` writes a copy of an
                    export's eval sets whose every image is one blank canvas (the world's
                    background, i.e. an empty scene); run `cdx.eval.run.evaluate_synthetic`
                    on that copy for the "grey image" row.
 
   rows = synthetic_text_baselines("WORKDIR/data")   # {split: {heuristic: {...}}, "best"}
+  prior = vqa_prior("WORKDIR/data")                 # VQA: commonest answer per template
   blind_dir = blind_export("WORKDIR/data", "WORKDIR/data_blind")
 
 A heuristic scores an item 1 if it prefers the true caption, 0 if the false one, 0.5 on a
@@ -33,6 +36,7 @@ from PIL import Image
 
 from cdx.data.synthetic import world
 from cdx.eval import benchmarks
+from cdx.eval import scoring
 
 Scorer = Callable[[str], float]
 _WORD = re.compile(r"[a-z]+")
@@ -136,6 +140,50 @@ def synthetic_text_baselines(data_dir: str) -> dict:
       sets = benchmarks.read_synthetic(eval_dir, root=data_dir)
       if "sugarcrepe" in sets:
         out[split] = text_baselines(sets["sugarcrepe"], heuristics)
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# VQA answer prior.
+
+def question_template(question: str) -> str:
+  """The question with every colour, shape and size word replaced by its kind."""
+  kinds = {**{c: "<color>" for c in world.COLORS}, **{s: "<size>" for s in world.SIZES},
+           **{s: "<shape>" for s in world.SHAPES},
+           **{p: "<shapes>" for p in world.PLURALS.values()}}
+  return " ".join(kinds.get(w, w) for w in words(question.split("\n")[0]))
+
+
+def vqa_prior(data_dir: str) -> dict:
+  """The most frequent training answer of each question template, scored on the VQA sets.
+
+  Answers the eval questions without the image: per `question_template`, the commonest
+  short answer of the export's VQA-style training turns (the overall commonest for an
+  unseen template). Returns {split: {"accuracy", "by_category": {category: acc}}} (exact
+  match, case-insensitive, as the synthetic VQA is scored).
+  """
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  with open(os.path.join(data_dir, "instruct.json")) as f:
+    for rec in json.load(f):
+      conv = rec["conversations"]
+      for q, a in zip(conv[::2], conv[1::2]):
+        if q["value"].endswith(scoring.VQA_SUFFIX):
+          counts[question_template(q["value"].removeprefix("<image>\n"))][a["value"]] += 1
+  overall = sum(counts.values(), collections.Counter())
+  out = {}
+  for split, sub in (("seen", "eval"), ("heldout", os.path.join("eval", "heldout"))):
+    path = os.path.join(data_dir, sub, "vqa.json")
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      items = json.load(f)
+    hits = collections.defaultdict(list)
+    for it in items:
+      prior = counts.get(question_template(it["text"])) or overall
+      hits[it["category"]].append(prior.most_common(1)[0][0].lower() == it["answer"].lower())
+    every = [h for v in hits.values() for h in v]
+    out[split] = {"accuracy": float(np.mean(every)),
+                  "by_category": {k: float(np.mean(v)) for k, v in sorted(hits.items())}}
   return out
 
 

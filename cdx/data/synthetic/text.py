@@ -9,16 +9,20 @@ Training records (LLaVA json):
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
   - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
   - instruct: 1-3 turns of recognition / relation Q&A (short answers carry the VQA suffix),
-    "describe" requests, and text-only samples (no "image" key).
+    "describe" requests, the evaluation's two-choice and yes/no questions (`FORMATS`,
+    about caption pairs from contrast.py: seen pairs, training half of the language), and
+    text-only samples (no "image" key).
 Evaluation items:
   - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
   - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
   - winoground: {"id", "image_0", "image_1", "caption_0", "caption_1", "tag"}
 Held-out split: training scenes never contain a `world.heldout_combos()` pair and no
 training text names one; held-out evaluation scenes always contain one (object 0, the
-"focus") and each caption / question mentions it (except "no" existence questions, which
-ask about another held-out pair, and the second image of a Winoground attribute pair,
-where the focus's colour is swapped away).
+"focus") and each question / Winoground caption mentions it (except "no" existence
+questions, which ask about another held-out pair, and the second image of a Winoground
+attribute pair, where the focus's colour is swapped away). SugarCrepe-style items name a
+held-out pair in the positive only (half of them, the focus) or in the negative only (the
+other half), so naming one is no cue (contrast.py; swap_obj / replace_rel: in both).
 """
 from __future__ import annotations
 
