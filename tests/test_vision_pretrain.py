@@ -88,13 +88,12 @@ def test_probe_reads_colour_from_pixels():
 
 
 @pytest.mark.slow
-def test_pretraining_makes_shape_linearly_readable(tmp_path):
-  """The tiny presets' tower, trained briefly: the linear probe reads shape far better."""
-  vision = vp.pretrain_vision(0, TINY_VISION, str(tmp_path), steps=150, seed=0,
-                              batch_size=64)
-  before = vp.probe(vp.random_vision(TINY_VISION), TINY_VISION, num_train=600,
-                    num_test=300)
-  after = vp.probe(vision, TINY_VISION, num_train=600, num_test=300)
-  assert after["shape"] > before["shape"] + 0.15, (before, after)
-  assert after["size"] >= before["size"] - 0.02, (before, after)
-  assert world.SHAPES  # (the probe's classes)
+def test_pretraining_makes_shape_and_size_linearly_readable(tmp_path):
+  """The tiny presets' tower, trained at half the default steps: the linear probe on
+  held-out images reads shape and size far better than from the random tower."""
+  vision = vp.pretrain_vision(0, TINY_VISION, str(tmp_path), steps=400, seed=0)
+  before = vp.probe(vp.random_vision(TINY_VISION), TINY_VISION)
+  after = vp.probe(vision, TINY_VISION)
+  assert after["shape"] > before["shape"] + 0.08, (before, after)
+  assert after["size"] > before["size"] + 0.15, (before, after)
+  assert after["color"] >= before["color"], (before, after)

@@ -26,7 +26,7 @@ Only the encoder's params are returned, in the layout of the MLLM's "vision" sub
 (`mllm.init_params(cfg)["vision"]` with scan_layers=False: patch, pos_embedding,
 layers_0.. up to the feature layer), as float32 numpy arrays.
 
-  vision = pretrain_vision(world_seed, cfg.vision, out_dir, steps=300, seed=0)
+  vision = pretrain_vision(world_seed, cfg.vision, out_dir, steps=800, seed=0)
   before, after = probe(random_vision(cfg.vision), cfg.vision), probe(vision, cfg.vision)
 
 Cache: out_dir/vision_<key>.msgpack (+ .json: the settings, the loss curve, the wall
@@ -66,15 +66,15 @@ Sample = tuple  # (scene, caption) or (scene, caption, hard negative caption | N
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything besides the world and the architecture that changes the result."""
-  steps: int = 300
-  batch_size: int = 128
+  steps: int = 800
+  batch_size: int = 48
   lr: float = 5e-3
   weight_decay: float = 1e-4
   warmup_steps: int = 20
   embed_dim: int = 64
   text_heads: int = 2
   hard_negatives: bool = True  # a minimally edited false caption per image (batch 2B)
-  dense_weight: float = 1.0  # weight of the per-patch attribute loss (`patch_labels`)
+  dense_weight: float = 2.0  # weight of the per-patch attribute loss (`patch_labels`)
   seed: int = 0
 
 
@@ -252,7 +252,7 @@ def _source_id(world_or_samples) -> Any:
   return "samples-" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: int = 300,
+def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: int = 800,
                     seed: int = 0, feature_layer: int = -2, log_every: int = 0,
                     **settings: Any) -> dict:
   """Trains (or loads from out_dir) the vision encoder; returns its params (numpy).
@@ -428,10 +428,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--vision", required=True,
                  help="a SiglipConfig as JSON fields, or a siglip.VARIANTS name")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=800)
   p.add_argument("--world-seed", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--batch-size", type=int, default=Settings.batch_size)
   p.add_argument("--dense-weight", type=float, default=Settings.dense_weight)
   p.add_argument("--lr", type=float, default=Settings.lr)
   a = p.parse_args(argv)
