@@ -40,7 +40,6 @@ def test_heldout_and_language_model_heuristics():
   assert lm.logprob("a red circle") > lm.logprob("a circle red")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("pool", [text.Pool.seen(), text.Pool.heldout()],
                          ids=["seen", "heldout"])
 def test_every_text_heuristic_is_near_chance_on_500_item_sets(pool):
