@@ -21,8 +21,9 @@ its radius, so objects never touch. Timing on this project's shared 2-core CPU b
     s=[w.sample_scene(np.random.default_rng([0, i])) for i in range(20000)]; \
     t=time.time(); w.render(s, 64); print(time.time()-t)"
 
-20k scenes sample in ~1.0 s and render in ~1.4-2 s (64x64, no anti-aliasing; ~2.2-3.7 s
-with `antialias=2`).
+With the larger objects of world version 2 (export.WORLD_VERSION), 20k scenes sample in
+5.7 s and render in 6.5 s (64x64, no anti-aliasing), measured while another training job
+shared the box; with the old radii (0.08 / 0.14) and an idle box it was ~1.0 s and ~1.4-2 s.
 """
 from __future__ import annotations
 
