@@ -91,10 +91,10 @@ def test_probe_reads_colour_from_pixels():
 def test_pretraining_makes_shape_and_size_linearly_readable(tmp_path):
   """The tiny presets' tower, trained at half the default steps: the linear probe on
   held-out images reads shape and size far better than from the random tower."""
-  vision = vp.pretrain_vision(0, TINY_VISION, str(tmp_path), steps=400, seed=0)
+  vision = vp.pretrain_vision(0, TINY_VISION, str(tmp_path), steps=800, seed=0)
   before = vp.probe(vp.random_vision(TINY_VISION), TINY_VISION)
   after = vp.probe(vision, TINY_VISION)
-  # 400 steps: shape 0.354 -> 0.445, size 0.633 -> 0.881 (probe SE ~0.014).
-  assert after["shape"] > before["shape"] + 0.06, (before, after)
+  # Measured: shape 0.354 -> 0.512, size 0.633 -> 0.894 (probe SE ~0.014).
+  assert after["shape"] > before["shape"] + 0.10, (before, after)
   assert after["size"] > before["size"] + 0.15, (before, after)
   assert after["color"] >= before["color"], (before, after)

@@ -26,8 +26,21 @@ Only the encoder's params are returned, in the layout of the MLLM's "vision" sub
 (`mllm.init_params(cfg)["vision"]` with scan_layers=False: patch, pos_embedding,
 layers_0.. up to the feature layer), as float32 numpy arrays.
 
-  vision = pretrain_vision(world_seed, cfg.vision, out_dir, steps=800, seed=0)
+  vision = pretrain_vision(world_seed, cfg.vision, out_dir, steps=1600, seed=0)
   before, after = probe(random_vision(cfg.vision), cfg.vision), probe(vision, cfg.vision)
+
+Probe (`probe`: ridge classifiers on the mean feature of each object's patches, 1500
+training / 500 held-out scenes; chance = commonest class 0.18 / 0.13 / 0.53), from
+`python -m cdx.train.vision_pretrain --out DIR --vision '<TINY_VISION as JSON>'` with
+the flags shown, on this project's shared 2-core box:
+                                            shape  colour  size   train wall (user CPU)
+  random tower                              0.354  0.946   0.633
+  SigLIP loss only, 300 x 128               0.341  0.999   0.677
+  + hard negatives, 300 x 128               0.358  0.998   0.655
+  + dense loss (w 1, lr 5e-3), 300 x 128    0.426  1.000   0.891
+  + dense w 2, 800 x 48                     0.592  1.000   0.904  338 s (110 s), loaded box
+  + dense w 2, 1600 x 24 (the defaults)     0.718  1.000   0.915  141 s (112 s)
+Smaller batches and more steps help shape most at equal cost.
 
 Cache: out_dir/vision_<key>.msgpack (+ .json: the settings, the loss curve, the wall
 time), key = hash of the world seed (or the samples), the vision config, the feature
@@ -66,8 +79,8 @@ Sample = tuple  # (scene, caption) or (scene, caption, hard negative caption | N
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything besides the world and the architecture that changes the result."""
-  steps: int = 800
-  batch_size: int = 48
+  steps: int = 1600
+  batch_size: int = 24
   lr: float = 5e-3
   weight_decay: float = 1e-4
   warmup_steps: int = 20
@@ -252,7 +265,7 @@ def _source_id(world_or_samples) -> Any:
   return "samples-" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: int = 800,
+def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: int = 1600,
                     seed: int = 0, feature_layer: int = -2, log_every: int = 0,
                     **settings: Any) -> dict:
   """Trains (or loads from out_dir) the vision encoder; returns its params (numpy).
@@ -428,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--vision", required=True,
                  help="a SiglipConfig as JSON fields, or a siglip.VARIANTS name")
-  p.add_argument("--steps", type=int, default=800)
+  p.add_argument("--steps", type=int, default=1600)
   p.add_argument("--world-seed", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=Settings.batch_size)
