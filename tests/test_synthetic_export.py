@@ -25,7 +25,7 @@ def _files(root):
 def exported(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("world"))
   export.main(["--out", out, "--num-train", "24", "--num-eval", "3", "--seed", "5",
-               "--text-only-frac", "0.2"])
+               "--text-only-frac", "0.2", "--num-cr", "3"])
   return out
 
 
@@ -129,3 +129,25 @@ def test_tfds_builder_round_trips(tmp_path):
   again = tfds_builder.load(str(tmp_path), num_train=12, seed=3, size=32,
                             text_only_frac=0.3)
   assert again["pretrain"][4]["id"] == sources["pretrain"][4]["id"]
+
+
+def test_export_teaches_the_formats_and_never_on_an_evaluation_caption(tmp_path):
+  out = str(tmp_path / "w")
+  export.export(out, num_train=120, seed=2, num_eval=3, num_cr=30, images=False)
+  meta = json.load(open(os.path.join(out, "world.json")))
+  assert meta["num_cr"] == 30 and meta["world_version"] == export.WORLD_VERSION
+  evaluated = set()
+  for sub in ("eval", "eval/heldout"):
+    for subset in text.SUGARCREPE_SUBSETS:
+      items = json.load(open(os.path.join(out, sub, f"sugarcrepe_{subset}.json")))
+      assert len(items) == 30
+      evaluated |= {c for it in items.values() for c in (it["caption"], it["negative_caption"])}
+    for it in json.load(open(os.path.join(out, sub, "winoground.json"))):
+      evaluated |= {it["caption_0"], it["caption_1"]}
+  questions = [t["value"] for rec in json.load(open(os.path.join(out, "instruct.json")))
+               for t in rec["conversations"][::2]]
+  choice = [q for q in questions if "Which caption best describes the image?" in q]
+  yesno = [q for q in questions if q.removeprefix("<image>\n").startswith("Does this figure")]
+  assert len(choice) > 10 and len(yesno) > 10
+  for q in choice + yesno:
+    assert not any(f"(A) {c}\n" in q or f"(B) {c}\n" in q or f'"{c}"' in q for c in evaluated)

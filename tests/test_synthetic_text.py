@@ -10,8 +10,10 @@ import re
 import numpy as np
 import pytest
 
+from cdx.data.synthetic import contrast
 from cdx.data.synthetic import text
 from cdx.data.synthetic import world
+from cdx.eval import scoring
 
 SEED = 7
 N = 40
@@ -53,6 +55,10 @@ def parse(caption):
 def geometric(a, rel, b, margin):
   d = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[rel]
   return d > margin
+
+
+def nps_of(caption):
+  return [n for it in parse(caption) for n in (it[::2] if len(it) == 3 else it)]
 
 
 def holds(caption, scene, margin):
@@ -144,6 +150,31 @@ def answer_of(question, scene):
   raise AssertionError(f"unknown question {q!r}")
 
 
+CHOICE = re.compile(r"Which caption best describes the image\?\n\(A\) (.+)\n \(B\) (.+)\n"
+                    r"Answer with the option's alphabet from the given choices directly\.")
+YESNO = re.compile(r'Does this figure show "(.+)"\? Please answer yes or no\.')
+
+
+def format_answer(q, scene):
+  """("choice" | "yesno", the right answer) for the evaluation formats, else None."""
+  if m := CHOICE.fullmatch(q):
+    a, b = m[1], m[2]
+    assert {clearly_true(a, scene), clearly_true(b, scene)} == {True, False}, q
+    assert clearly_false(b if clearly_true(a, scene) else a, scene), q
+    assert not contrast.is_eval_caption(a) and not contrast.is_eval_caption(b)
+    return "choice", "A" if clearly_true(a, scene) else "B"
+  if m := YESNO.fullmatch(q):
+    assert clearly_true(m[1], scene) or clearly_false(m[1], scene), q
+    assert not contrast.is_eval_caption(m[1])
+    return "yesno", "Yes" if clearly_true(m[1], scene) else "No"
+  return None
+
+
+def test_format_prompts_are_the_evaluation_prompts():
+  assert CHOICE.fullmatch(scoring.sugarcrepe_question("a red circle", "a blue star"))
+  assert YESNO.fullmatch(scoring.yes_no_prompt("a red circle"))
+
+
 def test_instruct_answers_are_true():
   kinds = collections.Counter()
   for i in range(150):
@@ -159,8 +190,11 @@ def test_instruct_answers_are_true():
     assert conv[0]["value"].startswith("<image>\n")
     assert all("<image>" not in t["value"] for t in conv[1:])
     for q, a in zip(conv[::2], conv[1::2]):
-      q, a = q["value"], a["value"]
-      if q.endswith(text.VQA_SUFFIX):
+      q, a = q["value"].removeprefix("<image>\n"), a["value"]
+      if fmt := format_answer(q, scene):
+        kinds[fmt[0]] += 1
+        assert a == fmt[1], (q, a)
+      elif q.endswith(text.VQA_SUFFIX):
         kinds["short"] += 1
         assert a == answer_of(q, scene), q
       elif q.endswith(("Describe the image.", "What objects are in the image?")):
@@ -170,7 +204,8 @@ def test_instruct_answers_are_true():
         kinds["long"] += 1
         short = answer_of(q, scene)
         assert short.lower() in a.lower(), (q, a)
-  assert min(kinds[k] for k in ("text_only", "short", "describe", "long")) > 0, kinds
+  assert min(kinds[k] for k in ("text_only", "short", "describe", "long", "choice",
+                                "yesno")) > 0, kinds
 
 
 @pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
@@ -218,20 +253,34 @@ def test_sugarcrepe_negatives_are_false_and_differ_as_intended(subset, pool):
     elif subset == "replace_rel":
       (a, r, b), = parse(pos)
       assert parse(neg) == [(a, world.OPPOSITE[r], b)]
-    elif subset == "add_obj":
-      added = collections.Counter(n) - collections.Counter(p)
-      assert neg.startswith(pos.split(" and ")[0]) and len(parse(neg)) == len(parse(pos)) + 1
-      assert sum(w in world.SHAPES for w in added.elements()) == 1
-    elif subset == "add_att":
-      added = collections.Counter(n) - collections.Counter(p)
-      assert len(n) == len(p) + 1 and sum(added.values()) == 1
-      assert next(iter(added)) in set(world.COLORS) | set(world.SIZES)
-    if pool is HELDOUT:  # built around a held-out pair that the positive names
-      o = scene.objects[0]
-      assert o.combo in HELD and f"{o.color} {o.shape}" in pos
+    elif subset == "add_obj":  # one noun phrase differs: a present vs an absent object
+      diffs = [(a, b) for a, b in zip(parse(pos), parse(neg)) if a != b]
+      assert len(parse(pos)) == len(parse(neg)) >= 2 and len(diffs) == 1, (pos, neg)
+      ((a,), (b,)), = diffs
+      assert a[2] is None and b[2] is None or a[2] and b[2]  # same attributes named
+      assert not any(o.shape == b[0] and o.color == b[1] for o in scene.objects)
+    elif subset == "add_att":  # each adds one attribute (true / false) to a common base
+      slots = lambda c: [(k, a, v) for k, np_ in enumerate(nps_of(c))
+                         for a, v in (("color", np_[1]), ("size", np_[2])) if v]
+      assert [np_[0] for np_ in nps_of(pos)] == [np_[0] for np_ in nps_of(neg)]
+      only_pos = {s[:2] for s in slots(pos)} - {s[:2] for s in slots(neg)}
+      only_neg = {s[:2] for s in slots(neg)} - {s[:2] for s in slots(pos)}
+      assert len(only_pos) == len(only_neg) == 1, (pos, neg)
+      assert set(slots(pos)) - set(slots(neg)) == {s for s in slots(pos) if s[:2] in only_pos}
+    assert len(p) == len(n)  # every kind: as many words in both captions
+    if subset != "swap_obj":  # odd items: the positive is the longer (ties allowed)
+      longer, shorter = (pos, neg) if i % 2 else (neg, pos)
+      assert len(longer) >= len(shorter)
+    assert contrast.is_eval_caption(pos) and contrast.is_eval_caption(neg)
+    named = [any(f"{col} {shape}" in c for col, shape in HELD) for c in (pos, neg)]
+    if pool is HELDOUT:  # which caption names a held-out pair alternates every 2 items
+      assert scene.objects[0].combo in HELD
+      if subset in ("swap_obj", "replace_rel"):
+        assert named == [True, True]
+      else:
+        assert named == ([True, False] if i % 4 < 2 else [False, True]), (pos, neg)
     else:
-      for c in (pos, neg):
-        assert not any(f"{col} {shape}" in c for col, shape in HELD), c
+      assert named == [False, False]
 
 
 @pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
@@ -278,3 +327,31 @@ def test_corpus_covers_every_word():
         said |= set(re.findall(r"\w+|[^\w\s]", item["caption"] + " " + item["negative_caption"]))
   assert said <= vocab, said - vocab
   assert set(world.SHAPES) | set(world.COLORS) | set(world.SIZES) <= vocab
+
+
+def _format_captions(q):
+  if m := CHOICE.fullmatch(q):
+    return [m[1], m[2]]
+  if m := YESNO.fullmatch(q):
+    return [m[1]]
+  return []
+
+
+def test_training_turns_never_ask_about_an_evaluation_caption():
+  evaluated = set()
+  for pool in (SEEN, HELDOUT):
+    for i in range(N):
+      for subset in text.SUGARCREPE_SUBSETS:
+        item = text.sugarcrepe_item(subset, i, SEED, pool, "x")[0]
+        evaluated |= {item["caption"], item["negative_caption"]}
+      item = text.winoground_item(i, SEED, pool, "x")[0]
+      evaluated |= {item["caption_0"], item["caption_1"]}
+  asked = []
+  for i in range(300):
+    rec, _ = text.instruct_record(i, SEED, SEEN)
+    for turn in rec["conversations"][::2]:
+      asked += _format_captions(turn["value"].removeprefix("<image>\n"))
+  assert len(asked) > 150 and not set(asked) & evaluated
+  # The halves split the language, not the kinds of caption: both hold short ones.
+  assert any(len(c.split()) <= 3 for c in asked)
+  assert any(len(c.split()) <= 3 for c in evaluated)

@@ -17,6 +17,8 @@ import dataclasses
 import itertools
 from typing import Sequence, Union
 
+import numpy as np
+
 from cdx.data.synthetic import world
 
 REL_WORDS = {"left": "to the left of", "right": "to the right of",
@@ -118,3 +120,14 @@ def unique_phrase(scene: world.Scene, index: int, candidates: Sequence[NP]) -> N
     if hits == [index]:
       return np_
   return None
+
+
+def full_np(obj: world.Obj, rng: np.random.Generator | None = None) -> NP:
+  """Colour + shape (unique in a scene), with the size when rng says so (or always)."""
+  return NP.of(obj, size=True if rng is None else bool(rng.integers(2)))
+
+
+def relation_item(scene: world.Scene, i: int, j: int, rng: np.random.Generator) -> Rel:
+  """Object i related to object j by their primary relation, sizes as rng says."""
+  a, b = scene.objects[i], scene.objects[j]
+  return Rel(full_np(a, rng), world.primary_relation(a, b), full_np(b, rng))

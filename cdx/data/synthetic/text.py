@@ -9,16 +9,20 @@ Training records (LLaVA json):
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
   - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
   - instruct: 1-3 turns of recognition / relation Q&A (short answers carry the VQA suffix),
-    "describe" requests, and text-only samples (no "image" key).
+    "describe" requests, the evaluation's two-choice and yes/no questions (`FORMATS`,
+    about caption pairs from contrast.py: seen pairs, training half of the language), and
+    text-only samples (no "image" key).
 Evaluation items:
   - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
   - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
   - winoground: {"id", "image_0", "image_1", "caption_0", "caption_1", "tag"}
 Held-out split: training scenes never contain a `world.heldout_combos()` pair and no
 training text names one; held-out evaluation scenes always contain one (object 0, the
-"focus") and each caption / question mentions it (except "no" existence questions, which
-ask about another held-out pair, and the second image of a Winoground attribute pair,
-where the focus's colour is swapped away).
+"focus") and each question / Winoground caption mentions it (except "no" existence
+questions, which ask about another held-out pair, and the second image of a Winoground
+attribute pair, where the focus's colour is swapped away). SugarCrepe-style items name a
+held-out pair in the positive only (half of them, the focus) or in the negative only (the
+other half), so naming one is no cue (contrast.py; swap_obj / replace_rel: in both).
 """
 from __future__ import annotations
 
@@ -27,13 +31,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cdx.data.synthetic import contrast
 from cdx.data.synthetic import grammar
 from cdx.data.synthetic import world
 from cdx.data.synthetic.grammar import NP, Rel
+from cdx.eval import scoring  # The evaluation prompts, taught verbatim (a leaf module).
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-SUGARCREPE_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att",
-                      "replace_rel", "add_obj", "add_att")
+SUGARCREPE_SUBSETS = contrast.SUBSETS
 NUMBERS = ("0", "1", "2", "3", "4")
 _STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4,
             **{f"sugarcrepe_{s}": 10 + i for i, s in enumerate(SUGARCREPE_SUBSETS)}}
@@ -74,10 +79,6 @@ def _pick(rng: np.random.Generator, seq: Sequence):
   return seq[int(rng.integers(len(seq)))]
 
 
-def _shuffled(rng: np.random.Generator, seq: Sequence) -> list:
-  return [seq[i] for i in rng.permutation(len(seq))]
-
-
 def _cap(s: str) -> str:
   return s[0].upper() + s[1:]
 
@@ -85,14 +86,8 @@ def _cap(s: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Captions.
 
-def full_np(obj: world.Obj, rng: np.random.Generator | None = None) -> NP:
-  """Colour + shape (unique in a scene), with the size when rng says so (or always)."""
-  return NP.of(obj, size=True if rng is None else bool(rng.integers(2)))
-
-
-def relation_item(scene: world.Scene, i: int, j: int, rng: np.random.Generator) -> Rel:
-  a, b = scene.objects[i], scene.objects[j]
-  return Rel(full_np(a, rng), world.primary_relation(a, b), full_np(b, rng))
+full_np = grammar.full_np  # (kept importable from here)
+relation_item = grammar.relation_item
 
 
 def scene_caption(scene: world.Scene, rng: np.random.Generator) -> grammar.Caption:
@@ -271,9 +266,52 @@ def _text_only_turn(rng: np.random.Generator) -> tuple[str, str]:
   return f"What is the plural of {shape}?", world.PLURALS[shape]
 
 
+def _train_pair(scene: world.Scene, rng: np.random.Generator, pool: Pool,
+                tries: int = 8) -> tuple[str, str] | None:
+  """A (true, false) caption pair of a random SugarCrepe kind, from the training half of
+  the caption language, either caption the longer."""
+  spec = contrast.Spec(frozenset(pool.combos), half="train",
+                       longer=_pick(rng, ("pos", "neg")))
+  for _ in range(tries):
+    captions = contrast.pair(_pick(rng, SUGARCREPE_SUBSETS), scene, rng, spec)
+    if captions is not None:
+      return captions
+  return None
+
+
+def choice_turn(scene: world.Scene, rng: np.random.Generator, pool: Pool,
+                ) -> tuple[str, str] | None:
+  """The evaluation's two-choice question (scoring.sugarcrepe_question), answer "A"/"B"."""
+  captions = _train_pair(scene, rng, pool)
+  if captions is None:
+    return None
+  pos, neg = captions
+  if rng.integers(2):
+    return scoring.sugarcrepe_question(pos, neg), "A"
+  return scoring.sugarcrepe_question(neg, pos), "B"
+
+
+def yesno_turn(scene: world.Scene, rng: np.random.Generator, pool: Pool,
+               ) -> tuple[str, str] | None:
+  """The evaluation's yes/no question (scoring.yes_no_prompt), answer "Yes"/"No"."""
+  captions = _train_pair(scene, rng, pool)
+  if captions is None:
+    return None
+  k = int(rng.integers(2))
+  return scoring.yes_no_prompt(captions[k]), ("Yes", "No")[k]
+
+
+FORMATS: dict[str, Callable] = {"choice": choice_turn, "yesno": yesno_turn}
+
+
 def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0.05,
-                    ) -> tuple[dict, world.Scene | None]:
-  """1-3 turns about one scene, or (with probability text_only_frac) a text-only chat."""
+                    format_frac: float = 0.3) -> tuple[dict, world.Scene | None]:
+  """1-3 turns about one scene, or (with probability text_only_frac) a text-only chat.
+
+  Each turn is, with probability format_frac, a two-choice or a yes/no question in the
+  evaluation's exact wording (`FORMATS`, captions from the training half of the caption
+  language, contrast.py), else a VQA-style or long-answer question or a description.
+  """
   rng = _rng(seed, "instruct", index)
   rid = f"instruct-{index:06d}"
   num_turns = int(rng.integers(1, 4))
@@ -284,6 +322,12 @@ def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0
   short = bool(rng.integers(2))  # VQA-style conversation (suffix, one-word answers)
   turns, asked = [], set()
   for _ in range(num_turns):
+    if rng.uniform() < format_frac:
+      qa = FORMATS[_pick(rng, list(FORMATS))](scene, rng, pool)
+      if qa is not None and qa[0] not in asked:
+        asked.add(qa[0])
+        turns.append(qa)
+      continue
     kind = _pick(rng, list(QUESTIONS) + ([] if short else ["describe"]))
     if kind == "describe":
       q = _pick(rng, ("Describe the image.", "What objects are in the image?"))
@@ -319,114 +363,43 @@ def vqa_item(index: int, seed: int, pool: Pool, image_dir: str) -> tuple[dict, w
           "answer": qa[1], "category": kind}, scene
 
 
-def _positive(subset: str, scene: world.Scene, rng: np.random.Generator,
-              focus: int | None) -> grammar.Caption | None:
-  """A true caption shaped for the subset (relations for swap_obj / replace_rel)."""
-  n = len(scene.objects)
-  needs_pair = subset in ("swap_obj", "swap_att", "replace_rel")
-  if needs_pair and n < 2:
+def _cue(subset: str, index: int, pool: Pool) -> str | None:
+  """Which caption of held-out item `index` names a held-out pair (contrast.Spec.cue)."""
+  if not pool.focus:
     return None
-  relational = subset in ("swap_obj", "replace_rel") or (n >= 2 and rng.integers(3) == 0)
-  k = 2 if relational or needs_pair else int(rng.integers(1, min(2, n) + 1))
-  order = [int(i) for i in rng.permutation(n)]
-  if focus is not None:  # the focus object must be among the first k
-    order.remove(focus)
-    order.insert(int(rng.integers(k)), focus)
-  if relational:
-    return (relation_item(scene, order[0], order[1], rng),)
-  nps = [full_np(scene.objects[i], rng) for i in order[:k]]
-  if subset == "add_att":  # leave an attribute out so the negative can add a wrong one
-    t = int(rng.integers(k))
-    shape, color, size = nps[t].shape, nps[t].color, nps[t].size
-    keep_color = order[t] == focus or rng.integers(2)  # the focus pair stays named
-    nps[t] = NP(shape, color, None) if keep_color else NP(shape, None, size)
-  return tuple(nps)
-
-
-def _edit_nps(caption: grammar.Caption, edit: Callable[[list[NP]], list[NP] | None]):
-  """Applies an edit to the caption's noun phrases (in order) and rebuilds the caption."""
-  nps = edit(grammar.noun_phrases(caption))
-  if nps is None:
-    return None
-  out, k = [], 0
-  for item in caption:
-    if isinstance(item, Rel):
-      out.append(Rel(nps[k], item.rel, nps[k + 1]))
-      k += 2
-    else:
-      out.append(nps[k])
-      k += 1
-  return tuple(out)
-
-
-def _negatives(subset: str, pos: grammar.Caption, scene: world.Scene,
-               rng: np.random.Generator, pool: Pool) -> Iterator[grammar.Caption]:
-  """Candidate negatives (to be checked false by the caller)."""
-  nps = grammar.noun_phrases(pos)
-  colors, shapes = list(world.COLORS), list(world.SHAPES)
-  for t in _shuffled(rng, range(len(nps))):
-    def put(new, t=t):
-      return _edit_nps(pos, lambda ps: ps[:t] + [new] + ps[t + 1:])
-    target = nps[t]
-    if subset == "replace_obj":
-      for s in _shuffled(rng, shapes):
-        if s != target.shape:
-          yield put(dataclasses.replace(target, shape=s))
-    elif subset == "replace_att":
-      if target.size is not None and rng.integers(2):
-        yield put(dataclasses.replace(target, size=world.OPPOSITE[target.size]))
-      for c in _shuffled(rng, colors):
-        if target.color is not None and c != target.color:
-          yield put(dataclasses.replace(target, color=c))
-    elif subset == "add_att":
-      if target.color is None:
-        for c in _shuffled(rng, colors):
-          yield put(dataclasses.replace(target, color=c))
-      if target.size is None:
-        for z in world.SIZES:
-          yield put(dataclasses.replace(target, size=z))
-  if subset == "replace_rel":
-    (r,) = pos
-    yield (Rel(r.subj, world.OPPOSITE[r.rel], r.obj),)
-  elif subset == "swap_obj":
-    (r,) = pos
-    yield (Rel(r.obj, r.rel, r.subj),)
-  elif subset == "swap_att":
-    a, b = nps[0], nps[1]
-    if a.color != b.color:
-      yield _edit_nps(pos, lambda ps: [dataclasses.replace(a, color=b.color),
-                                       dataclasses.replace(b, color=a.color)])
-    if a.size and b.size and a.size != b.size:
-      yield _edit_nps(pos, lambda ps: [dataclasses.replace(a, size=b.size),
-                                       dataclasses.replace(b, size=a.size)])
-  elif subset == "add_obj":
-    for c, s in _shuffled(rng, list(pool.combos)):
-      extra = NP(s, c, _pick(rng, world.SIZES) if rng.integers(2) else None)
-      yield pos + (extra,)
+  if subset in contrast.SAME_PAIRS:
+    return "both"
+  return ("pos", "neg")[(index // 2) % 2]
 
 
 def sugarcrepe_item(subset: str, index: int, seed: int, pool: Pool, image_dir: str,
                     ) -> tuple[dict, world.Scene]:
-  """An image with a true caption and a false one that differs in the subset's way."""
+  """An image with a true caption and a false one that differs in the subset's way.
+
+  Balanced by design (contrast.py): odd items have the longer positive, even items the
+  longer negative; in a held-out pool, items 0, 1 (mod 4) name a held-out pair in the
+  positive only (the scene's object 0), items 2, 3 in the negative only (swap_obj and
+  replace_rel: in both). Captions come from the eval half of the language.
+  """
   if subset not in SUGARCREPE_SUBSETS:
     raise ValueError(f"subset={subset!r} is not one of {SUGARCREPE_SUBSETS}.")
   rng = _rng(seed, f"sugarcrepe_{subset}", index)
-  focus = 0 if pool.focus else None
-  min_objects = 2 if subset in ("swap_obj", "swap_att", "replace_rel") else 1
+  cue = _cue(subset, index, pool)
+  spec = contrast.Spec(frozenset(pool.combos), frozenset(pool.focus), "eval",
+                       longer=None if subset == "swap_obj"
+                       else ("neg", "pos")[index % 2], cue=cue)
+  # With cue "neg" the positive leaves the focus (object 0) out, so one more object.
+  min_objects = (2 if subset in contrast.NEEDS_TWO else 1) + (cue == "neg")
+  focus = 0 if cue in ("pos", "both") else None
+  avoid = 0 if cue == "neg" else None
   while True:
     scene = pool.scene(rng, int(rng.integers(min_objects, 5)))
-    pos = _positive(subset, scene, rng, focus)
-    if pos is None or not grammar.is_true(pos, scene):
-      continue
-    if not pool.focus and not pool.allows(pos):
-      continue
-    for neg in _negatives(subset, pos, scene, rng, pool):
-      # Seen sets never name a held-out pair, not even in the negative.
-      if neg is not None and neg != pos and not grammar.is_true(neg, scene, True) and (
-          pool.focus or pool.allows(neg)):
+    for _ in range(4):  # a few positives per scene: most are rejected (contrast.pair)
+      captions = contrast.pair(subset, scene, rng, spec, focus, avoid)
+      if captions is not None:
         image = f"{image_dir}/{subset}_{index:06d}.png"
-        return {"filename": image, "caption": grammar.text(pos),
-                "negative_caption": grammar.text(neg)}, scene
+        return {"filename": image, "caption": captions[0],
+                "negative_caption": captions[1]}, scene
 
 
 def winoground_item(index: int, seed: int, pool: Pool, image_dir: str,
@@ -449,6 +422,8 @@ def winoground_item(index: int, seed: int, pool: Pool, image_dir: str,
       moved = (dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color))
     scene1 = world.Scene(moved + scene0.objects[2:])
     if not _valid(scene1, pool):
+      continue
+    if not all(contrast.is_eval_caption(grammar.text(c)) for c in (cap0, cap1)):
       continue
     strict = [[grammar.is_true(c, s) for s in (scene0, scene1)] for c in (cap0, cap1)]
     lenient = [[grammar.is_true(c, s, True) for s in (scene0, scene1)] for c in (cap0, cap1)]

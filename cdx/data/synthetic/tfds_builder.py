@@ -36,23 +36,27 @@ class WorldConfig(tfds.core.BuilderConfig):
   antialias: int = 1
   text_only_frac: float = 0.05
   heldout_shift: int = 3
+  format_frac: float = 0.3
 
 
 def make_config(num_train: int, seed: int = 0, size: int = 64, antialias: int = 1,
-                text_only_frac: float = 0.05, heldout_shift: int = 3) -> WorldConfig:
+                text_only_frac: float = 0.05, heldout_shift: int = 3,
+                format_frac: float = 0.3) -> WorldConfig:
   """A config whose name encodes every field, so distinct worlds never share a folder."""
   name = (f"n{num_train}_seed{seed}_px{size}_aa{antialias}"
-          f"_txt{int(round(text_only_frac * 1000))}_ho{heldout_shift}")
+          f"_txt{int(round(text_only_frac * 1000))}_ho{heldout_shift}"
+          f"_fmt{int(round(format_frac * 1000))}")
   return WorldConfig(name=name, num_train=num_train, seed=seed, size=size,
                      antialias=antialias, text_only_frac=text_only_frac,
-                     heldout_shift=heldout_shift)
+                     heldout_shift=heldout_shift, format_frac=format_frac)
 
 
 class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
   """Pretrain captions and instruction chats about rendered synthetic scenes."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "Larger objects; two-choice and yes/no instruct turns."}
   # TFDS finds this through importlib_resources, which tensorflow-datasets uses but does
   # not always install; the builder's own file is all it needs (for a checksums file).
   code_path = epath.Path(__file__)
@@ -85,7 +89,8 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
         if split == "pretrain":
           rec, scene = text.pretrain_record(i, cfg.seed, pool)
         else:
-          rec, scene = text.instruct_record(i, cfg.seed, pool, cfg.text_only_frac)
+          rec, scene = text.instruct_record(i, cfg.seed, pool, cfg.text_only_frac,
+                                            cfg.format_frac)
         recs.append(rec)
         scenes.append(scene)
       drawn = [s for s in scenes if s is not None]

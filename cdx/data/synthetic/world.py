@@ -21,8 +21,9 @@ its radius, so objects never touch. Timing on this project's shared 2-core CPU b
     s=[w.sample_scene(np.random.default_rng([0, i])) for i in range(20000)]; \
     t=time.time(); w.render(s, 64); print(time.time()-t)"
 
-20k scenes sample in ~1.0 s and render in ~1.4-2 s (64x64, no anti-aliasing; ~2.2-3.7 s
-with `antialias=2`).
+With the larger objects of world version 2 (export.WORLD_VERSION), 20k scenes sample in
+5.7 s and render in 6.5 s (64x64, no anti-aliasing), measured while another training job
+shared the box; with the old radii (0.08 / 0.14) and an idle box it was ~1.0 s and ~1.4-2 s.
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ COLORS = {
     "cyan": (40, 220, 230),
 }
 SIZES = ("small", "large")
-# Radius of the shape's bounding circle, as a fraction of the image side.
-RADIUS = {"small": 0.08, "large": 0.14}
+# Radius of the shape's bounding circle, as a fraction of the image side. At 64 px with
+# 8 px patches (the tiny presets' SigLIP) a small object spans ~2 patches, a large ~3, so
+# its shape shows in more than one patch (it was ~1 and ~2 before, too small to learn).
+RADIUS = {"small": 0.12, "large": 0.18}
 BACKGROUND = (120, 120, 120)
 
 RELATIONS = ("left", "right", "above", "below")
