@@ -123,7 +123,7 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
 
 
 def _token_ids(preset: str) -> tokenizer_lib.TokenIds:
-  if preset == "paper":  # The Qwen tokenizer's ids (SPEC §3).
+  if preset == "paper":  # The Qwen tokenizer's ids (docs/METHOD.md §3).
     return tokenizer_lib.TokenIds(image=151646, pad=151647, eos=151643)
   return tokenizer_lib.TokenIds(image=3, pad=2, eos=1)
 

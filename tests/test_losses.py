@@ -48,7 +48,7 @@ def ref_kd(s_logits, t_logits, labels, shifted=True):
 
 
 def ref_attention_official(s, t):
-  """SPEC §5 steps 3-5 with explicit loops over (k, b, i, j)."""
+  """docs/METHOD.md §5 steps 3-5 with explicit loops over (k, b, i, j)."""
   k_pairs, batch, n, _ = s.shape
   total = 0.0
   for k in range(k_pairs):
@@ -296,7 +296,7 @@ def test_attention_official_matches_torch_transcription():
   s = random_attention(rng, 2, 3, 9)
   t = random_attention(rng, 2, 3, 9, sinks=(2,))
   ts, tt = torch.tensor(s), torch.tensor(t)
-  # SPEC §5 steps 3-5, transcribed with torch reductions.
+  # docs/METHOD.md §5 steps 3-5, transcribed with torch reductions.
   thr_s = ts.mean(dim=(2, 3), keepdim=True) + ts.std(dim=(2, 3), keepdim=True)
   thr_t = tt.mean(dim=(2, 3), keepdim=True) + tt.std(dim=(2, 3), keepdim=True)
   keep = (ts <= thr_s) & (tt <= thr_t)

@@ -94,7 +94,7 @@ def build_setup() -> Setup:
   def trees():
     teacher = mllm.init_params(t_cfg, _key(1))
     student = mllm.init_params(s_cfg, _key(2))
-    student["vision"] = teacher["vision"]  # One shared frozen vision tower (SPEC §1).
+    student["vision"] = teacher["vision"]  # One shared frozen vision tower (docs/METHOD.md §1).
     student = taf.make_taf_student(student, teacher, _key(3))
     lora = lora_lib.init_lora(student, rules["lora_targets"], RANK, ALPHA, _key(4))
     return teacher, student, lora

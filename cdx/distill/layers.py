@@ -1,4 +1,4 @@
-"""Which student decoder layers learn from which teacher layers (SPEC §6).
+"""Which student decoder layers learn from which teacher layers (docs/METHOD.md §6).
 
 A matching is `(student_layers, teacher_groups)`: K student layer indices (0-indexed decoder
 layers, increasing) and K non-empty lists of teacher layer indices. Pair k aligns student
@@ -87,7 +87,7 @@ def uniform_groups(num_pairs: int, band: Sequence[int]) -> list[list[int]]:
 
 def match_layers(num_student_layers: int, num_teacher_layers: int,
                  strategy: str = "group") -> tuple[list[int], list[list[int]]]:
-  """(student_layers, teacher_groups) for the given depths (SPEC §6).
+  """(student_layers, teacher_groups) for the given depths (docs/METHOD.md §6).
 
   match_layers(24, 40) -> student 8..14, teacher windows [13..17], [14..18], ..., [19..23].
   match_layers(24, 24) -> student 8..14, teacher windows [8, 9], [9, 10], ..., [14, 15].

@@ -13,7 +13,7 @@ accumulation and data parallelism can combine partial results exactly: mean = su
 
 KD temperature convention: both logits are divided by T and the per-token loss is multiplied
 by T**2 (Hinton et al.), so gradient magnitudes do not shrink as T grows. T = 1 (the paper's
-setting, SPEC §5) leaves the loss untouched. The teacher's logits never carry gradient.
+setting, docs/METHOD.md §5) leaves the loss untouched. The teacher's logits never carry gradient.
 """
 import dataclasses
 import functools
@@ -48,7 +48,7 @@ def kd_positions(labels: jax.Array, mask: str = "shifted") -> jax.Array:
   """bool [B, L]: the logit positions the KD loss uses.
 
   "shifted": the positions L_lm uses (those predicting a supervised token).
-  "official": the official code's unshifted mask (SPEC §8): positions holding a supervised
+  "official": the official code's unshifted mask (docs/METHOD.md §8): positions holding a supervised
     token, i.e. the prediction after each answer token; the first answer token is missed.
   """
   if mask == "shifted":
@@ -99,7 +99,7 @@ def token_kd(student_logits: jax.Array, teacher_logits: jax.Array,
              beta: float = 0.5) -> jax.Array:
   """Per-position distillation loss [..., V] x [..., Vt] -> [...] float32.
 
-  "forward": -sum_v p_t log p_s (forward KL up to the teacher's entropy; SPEC §5).
+  "forward": -sum_v p_t log p_s (forward KL up to the teacher's entropy; docs/METHOD.md §5).
   "reverse": KL(p_s || p_t).
   "jsd":     beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s.
   Logits are divided by `temperature` and the result multiplied by temperature**2.
@@ -250,7 +250,7 @@ def _chunk_loss_fwd(opts, compact, layouts, x, s_head, t_head):
 
 def _chunk_loss_bwd(opts, compact, layouts, res, g):
   """Cotangents of (x, s_head, t_head); only x["hs"] and s_head get nonzero ones (the
-  teacher's logits carry no gradient, SPEC §5)."""
+  teacher's logits carry no gradient, docs/METHOD.md §5)."""
   x, s_head, t_head = res
 
   def grads(x, s_head, t_head, g):
@@ -379,7 +379,7 @@ def _cosine(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _sink_filtered_profiles(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """SPEC §5 steps 3-4: [..., N, N] maps -> [..., N] column profiles of the filtered maps.
+  """docs/METHOD.md §5 steps 3-4: [..., N, N] maps -> [..., N] column profiles of the filtered maps.
 
   keep = (S <= mu_S + sd_S) & (T <= mu_T + sd_T), mu and sd (unbiased) over the whole block
   including the causal zeros. An entry (i, j) survives if its filtered teacher value
@@ -453,7 +453,7 @@ def attention_alignment_sums(student_attn: jax.Array, teacher_attn: jax.Array,
 def attention_alignment_loss(student_attn: jax.Array, teacher_attn: jax.Array,
                              has_image: Optional[jax.Array] = None,
                              variant: str = "official") -> jax.Array:
-  """L_attn = sum_k sum_b loss_kb / B_img (SPEC §5), B_img = #samples with an image (>= 1).
+  """L_attn = sum_k sum_b loss_kb / B_img (docs/METHOD.md §5), B_img = #samples with an image (>= 1).
 
   With every sample holding an image this is exactly the official sum_k sum_b loss_kb / B.
   Variants (paper ablations): "official" (sink filter + 1 - cos of column profiles),

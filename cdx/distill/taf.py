@@ -1,4 +1,4 @@
-"""TAF (teacher adapter fetch, SPEC §2): the student sees images through the teacher's adapter.
+"""TAF (teacher adapter fetch, docs/METHOD.md §2): the student sees images through the teacher's adapter.
 
 A TAF student's param tree (docs/ARCHITECTURE.md) holds, besides its own `vision` and `llm`:
   adapter: the teacher's trained mlp2x_gelu adapter, frozen

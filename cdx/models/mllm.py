@@ -61,7 +61,7 @@ class MllmConfig:
   adapter_hidden: int | None = None
   feature_layer: int = -2  # HF hidden_states index of the vision tower
   feature_select: str = "default"  # "default" drops the first token, "full" keeps all
-  # Qwen checkpoints: eos <|endoftext|> = 151643, pad <|extra_0|> (SPEC §3, != eos);
+  # Qwen checkpoints: eos <|endoftext|> = 151643, pad <|extra_0|> (docs/METHOD.md §3, != eos);
   # the data/tokenizer side sets them, None = unknown.
   pad_token_id: int | None = None
   eos_token_id: int | None = None

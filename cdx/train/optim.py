@@ -6,7 +6,7 @@
   trainable = optax.apply_updates(trainable, updates)
 
 Config fields (a dict, ConfigDict — e.g. `config.optim` of configs/common.py — or keyword
-args; defaults = SPEC §7):
+args; defaults = docs/METHOD.md §7):
   lr (required), b1 .9, b2 .999, eps 1e-8, weight_decay 0.0,
   no_decay rules (default: biases, norm scales, embeddings), warmup_ratio .03 (or
   warmup_steps), schedule "cosine" | "linear" | "constant" (after warmup), clip_norm 1.0

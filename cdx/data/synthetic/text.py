@@ -487,7 +487,7 @@ def corpus() -> Iterator[str]:
     scene = world.sample_scene(rng)
     yield _cap(grammar.text(scene_caption(scene, rng))) + "."
   yield "<image>\n" + VQA_SUFFIX.strip()
-  # Evaluation prompts of SPEC §9.
+  # Evaluation prompts of docs/METHOD.md §9.
   yield ("Which caption best describes the image?\n(A) a red circle\n (B) a blue square\n"
          "Answer with the option's alphabet from the given choices directly.")
   yield 'Does this figure show "a red circle"? Please answer yes or no.'
