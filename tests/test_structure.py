@@ -7,7 +7,8 @@ The rules (docs/ARCHITECTURE.md draws them):
   * no import circles among these modules, counting function-local imports too;
   * a function-local import of a cdx module from cdx/ is listed in LAZY with why it is
     local (launch/ imports lazily at will: its CLIs parse flags before loading jax);
-  * no Python file is over MAX_LINES lines, except those in LONG (with the reason).
+  * no Python file is over MAX_LINES lines, except those in LONG (with the reason);
+  * docs/ARCHITECTURE.md names every module.
 """
 import ast
 import os
@@ -261,3 +262,12 @@ def test_the_rules_catch_violations():
   assert _circles({"step": ["reference"], "reference": ["step"], "losses": []}) == [
       "reference -> step -> reference"]
   assert _circles({"a": ["b"], "b": ["c"], "c": []}) == []
+
+
+def test_the_architecture_picture_names_every_module():
+  """docs/ARCHITECTURE.md draws every module: a new one goes into the picture too."""
+  text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+  missing = sorted(str(path.relative_to(ROOT)) for path in MODULES.values()
+                   if (path.parent.name + "/" if path.name == "__init__.py" else path.name)
+                   not in text)
+  assert not missing, f"modules docs/ARCHITECTURE.md does not name: {missing}"
