@@ -141,7 +141,8 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
-# Multi-host helpers (no-ops on one process): the loop and the checkpointer use them.
+# Multi-host helpers (no-ops on one process), the one home of cdx's host collectives:
+# the checkpointer, the loop, the stage guard and the experiment builder use them.
 
 def sync(name: str) -> None:
   """Barrier: no host goes on before every host got here (e.g. reads what process 0

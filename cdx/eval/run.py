@@ -46,6 +46,7 @@ from cdx.eval import batching
 from cdx.eval import benchmarks
 from cdx.eval import scoring
 from cdx.models import mllm
+from cdx.trained import load_trained
 
 MAX_NEW_TOKENS = 32  # docs/METHOD.md §9
 SPLITS = {"seen": "eval", "heldout": os.path.join("eval", "heldout")}
@@ -79,12 +80,11 @@ def _tokenizer_dir(model_path: str, data_dir: str | None, tokenizer: str | None)
 
 def load_model(model_path: str, data_dir: str | None = None, tokenizer: str | None = None,
                image_mode: str = "square", template: str = "qwen2_base") -> Model:
-  """A stage dir (`final/` + `model.json`) or an HF LLaVA dir (`setup.load_trained`).
+  """A stage dir (`final/` + `model.json`) or an HF LLaVA dir (`cdx.trained.load_trained`).
 
   The tokenizer comes from `tokenizer`, else the stage's hf/ export, the model dir
   itself, or `data_dir`/tokenizer; it must be the one the model was trained with.
   """
-  from cdx.train import setup  # The one place trained models are read.
   tok, ids = tokenizer_lib.load_tokenizer(_tokenizer_dir(model_path, data_dir, tokenizer))
 
   def check(info):
@@ -92,7 +92,7 @@ def load_model(model_path: str, data_dir: str | None = None, tokenizer: str | No
     if want not in (None, have):
       raise ValueError(f"{model_path} was trained with tokenizer {want}, but the tokenizer "
                        f"found has fingerprint {have}; pass the right --tokenizer.")
-  cfg, params, _ = setup.load_trained(model_path, check=check)
+  cfg, params, _ = load_trained(model_path, check=check)
   if cfg.image_token_id != ids.image:
     raise ValueError(f"the model's image_token_id {cfg.image_token_id} != the tokenizer's "
                      f"<image> id {ids.image}: model and tokenizer do not belong together.")

@@ -38,6 +38,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+# The prompts are the data layer's (the synthetic world teaches them); asked from here.
+from cdx.data.prompts import VQA_SUFFIX, sugarcrepe_question, vqa_prompt, yes_no_prompt
 from cdx.eval import vqa_answers
 from cdx.eval.vqa_answers import check_rule
 
@@ -70,12 +72,6 @@ def _sources(items: Sequence[Item]) -> list[str]:
 SUGARCREPE_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel",
                       "add_obj", "add_att")
 _CHOICE = re.compile(r"\b([AB])\b")
-
-
-def sugarcrepe_question(a: str, b: str) -> str:
-  """The two-choice question of docs/METHOD.md §9 (the space before `(B)` is deliberate)."""
-  return (f"Which caption best describes the image?\n(A) {a}\n (B) {b}\n"
-          "Answer with the option's alphabet from the given choices directly.")
 
 
 def parse_choice(reply: str) -> str | None:
@@ -142,11 +138,6 @@ def evaluate_sugarcrepe(items_by_subset: Mapping[str, Sequence[Item]],
 # ---------------------------------------------------------------------------------------
 
 
-def yes_no_prompt(caption: str) -> str:
-  """The question whose P("Yes") scores an (image, caption) pair."""
-  return f'Does this figure show "{caption}"? Please answer yes or no.'
-
-
 def paired_item_scores(s: Sequence[Sequence[float]]) -> dict[str, bool]:
   """Text/image/group success of one 2x2 matrix s[i][j] = score(image_i, caption_j).
 
@@ -190,12 +181,6 @@ def evaluate_paired(items: Sequence[Item], score: Score) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # VQA (VQAv2, VizWiz, TextVQA, GQA)
 # ---------------------------------------------------------------------------------------
-
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-
-def vqa_prompt(question: str) -> str:
-  """The question with the short-answer instruction of docs/METHOD.md §9."""
-  return question + VQA_SUFFIX
 
 
 def evaluate_vqa(items: Sequence[Item], generate: Generate, metric: str | None = None,

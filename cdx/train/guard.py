@@ -26,7 +26,8 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
+
+from cdx import checkpoint as ckpt_lib
 
 LOCK_FILE = "LOCK"
 # What an earlier run of a stage leaves besides its checkpoints (see cdx/train/loop.py).
@@ -35,26 +36,6 @@ RUN_FILES = ("metrics.jsonl", "tb", "summary.json", "final", "model.json", "hf")
 
 class GuardError(RuntimeError):
   """The stage directory is busy or holds an earlier run; printed without a traceback."""
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` is true on any process (collective when there are several)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
-
-
-def _from_process_0(message: str) -> str:
-  """Process 0's `message` on every process ('' = no error)."""
-  if jax.process_count() == 1:
-    return message
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  raw = np.zeros(1024, np.uint8)
-  data = message.encode()[:1024]
-  raw[:len(data)] = np.frombuffer(data, np.uint8)
-  got = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-  return bytes(got).rstrip(b"\0").decode(errors="replace")
 
 
 # ------------------------------------------------------------------------------ lock
@@ -150,7 +131,8 @@ def lock_stage(stage_dir: str) -> StageLock | None:
     if path in _HELD:
       _HELD[path].release()
     fd, note = _take(path)
-  error = _from_process_0("" if fd is not None else note)
+  # Process 0's outcome on every process ('' = no error).
+  error = ckpt_lib.gather_per_process("" if fd is not None else note)[0]
   if error:
     raise GuardError(error)
   if note:
@@ -201,14 +183,14 @@ def check_fresh_start(stage_dir: str, every_steps: int, restart: bool) -> str | 
         "--config.checkpoint.restart=True to move the old files to "
         f"{stage_dir}/old-<time>/ and train from step 0.")
   dest = os.path.join(stage_dir, "old-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
-  _any_process(True)  # A barrier: every process has looked before anything moves.
+  ckpt_lib.sync("cdx_guard_looked")  # Every process has looked before anything moves.
   if jax.process_index() == 0:
     os.makedirs(dest)
     for name in found:
       os.rename(os.path.join(stage_dir, name), os.path.join(dest, name))
     print(f"note: the earlier run's {', '.join(found)} moved to {dest}; training from step 0.",
           flush=True)
-  _any_process(True)  # A barrier: nobody writes new logs before the move.
+  ckpt_lib.sync("cdx_guard_moved")  # Nobody writes new logs before the move.
   return dest
 
 
@@ -283,7 +265,7 @@ class StopOnSignal:
       return self.signum is not None
     if step % self.check_every:
       return False
-    return _any_process(self.signum is not None)
+    return any(ckpt_lib.gather_per_process(self.signum is not None))
 
   def interrupted(self, step: int, checkpoint_dir: str) -> Interrupted:
     """The exception that ends the run once `step` is checkpointed in `checkpoint_dir`."""

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cdx import checkpoint as ckpt_lib
 from cdx import hf
@@ -45,6 +44,7 @@ from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import step as step_lib
+from cdx.trained import load_trained
 
 PyTree = Any
 
@@ -109,24 +109,6 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
 
 
 # ------------------------------------------------------------------------ model set-up
-
-def load_trained(path: str, dtype: str = "float32", check: Callable[[dict], None] = None
-                 ) -> tuple[mllm.MllmConfig, dict, dict]:
-  """(config, params, model.json) of a finished stage dir (`final/` + `model.json`), or
-  (config, params, {}) of an HF LLaVA dir (its weights as `dtype`). ValueError otherwise.
-
-  check(model.json): called before any weight is read (e.g. the tokenizer fingerprint)."""
-  if os.path.isfile(os.path.join(path, ckpt_lib.MODEL_FILE)):
-    if check is not None:
-      check(ckpt_lib.read_model_info(path))
-    params, info = ckpt_lib.load_model(path)
-    return mllm.config_from_dict(info["config"]), params, info
-  if os.path.isfile(os.path.join(path, "config.json")):
-    model_cfg, params = hf.load_llava(path, dtype=dtype)
-    return model_cfg, params, {}
-  raise ValueError(f"model path {path!r} holds neither model.json (a cdx stage dir) nor "
-                   "config.json (an HF LLaVA dir).")
-
 
 def _with_numerics(model_cfg: mllm.MllmConfig, cfg) -> mllm.MllmConfig:
   return dataclasses.replace(model_cfg, **_numerics(cfg))
@@ -450,9 +432,8 @@ def _stage_layers(cfg, stage_dir, student_cfg, student, teacher_cfg, teacher, ma
   student_layers, groups = match_layers(cfg, student_cfg, teacher_cfg, calibrate)
   if lc.strategy == "adaptive" and jax.process_count() > 1:
     # Hosts calibrated on their own rows: all take process 0's matching.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    picks = multihost_utils.broadcast_one_to_all(np.asarray([g[0] for g in groups]))
-    groups = [[int(l)] for l in np.asarray(picks)]
+    picks = ckpt_lib.gather_per_process([int(g[0]) for g in groups])[0]
+    groups = [[int(l)] for l in picks]
   info = {"strategy": lc.strategy, "student_layers": [int(l) for l in student_layers],
           "teacher_groups": [[int(l) for l in g] for g in groups]}
   if lc.strategy == "adaptive":

@@ -31,13 +31,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cdx.data import prompts  # The evaluation prompts, taught verbatim.
 from cdx.data.synthetic import contrast
 from cdx.data.synthetic import grammar
 from cdx.data.synthetic import world
 from cdx.data.synthetic.grammar import NP, Rel
-from cdx.eval import scoring  # The evaluation prompts, taught verbatim (a leaf module).
 
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+VQA_SUFFIX = prompts.VQA_SUFFIX
 SUGARCREPE_SUBSETS = contrast.SUBSETS
 NUMBERS = ("0", "1", "2", "3", "4")
 _STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4,
@@ -281,24 +281,24 @@ def _train_pair(scene: world.Scene, rng: np.random.Generator, pool: Pool,
 
 def choice_turn(scene: world.Scene, rng: np.random.Generator, pool: Pool,
                 ) -> tuple[str, str] | None:
-  """The evaluation's two-choice question (scoring.sugarcrepe_question), answer "A"/"B"."""
+  """The evaluation's two-choice question (prompts.sugarcrepe_question), answer "A"/"B"."""
   captions = _train_pair(scene, rng, pool)
   if captions is None:
     return None
   pos, neg = captions
   if rng.integers(2):
-    return scoring.sugarcrepe_question(pos, neg), "A"
-  return scoring.sugarcrepe_question(neg, pos), "B"
+    return prompts.sugarcrepe_question(pos, neg), "A"
+  return prompts.sugarcrepe_question(neg, pos), "B"
 
 
 def yesno_turn(scene: world.Scene, rng: np.random.Generator, pool: Pool,
                ) -> tuple[str, str] | None:
-  """The evaluation's yes/no question (scoring.yes_no_prompt), answer "Yes"/"No"."""
+  """The evaluation's yes/no question (prompts.yes_no_prompt), answer "Yes"/"No"."""
   captions = _train_pair(scene, rng, pool)
   if captions is None:
     return None
   k = int(rng.integers(2))
-  return scoring.yes_no_prompt(captions[k]), ("Yes", "No")[k]
+  return prompts.yes_no_prompt(captions[k]), ("Yes", "No")[k]
 
 
 FORMATS: dict[str, Callable] = {"choice": choice_turn, "yesno": yesno_turn}
@@ -488,6 +488,5 @@ def corpus() -> Iterator[str]:
     yield _cap(grammar.text(scene_caption(scene, rng))) + "."
   yield "<image>\n" + VQA_SUFFIX.strip()
   # Evaluation prompts of docs/METHOD.md §9.
-  yield ("Which caption best describes the image?\n(A) a red circle\n (B) a blue square\n"
-         "Answer with the option's alphabet from the given choices directly.")
-  yield 'Does this figure show "a red circle"? Please answer yes or no.'
+  yield prompts.sugarcrepe_question("a red circle", "a blue square")
+  yield prompts.yes_no_prompt("a red circle")
