@@ -54,8 +54,8 @@ def main(argv=None) -> int:
           os.path.join(config_dir, os.path.basename(spec)), upstream)
       todo = stages.plan(cfg, args.workdir, load_upstream, registry.config_spec,
                          args.build_missing)
-    for stage_cfg in [cfg, *todo]:  # Field values in range: one line naming the field.
-      setup.validate(stage_cfg)
+      for stage_cfg in [cfg, *todo]:  # Values in range: one line naming the field.
+        setup.validate(stage_cfg)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.UserError(str(e)) from None
     if args.dry_run:

@@ -130,8 +130,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   ]
   sizes_ok = all(isinstance(cfg[k], int) and cfg[k] >= 1 for k in ("batch_size", "micro_batches"))
   if sizes_ok and cfg.batch_size % cfg.micro_batches:
-    problems.append(f"micro_batches={cfg.micro_batches} must divide batch_size="
-                    f"{cfg.batch_size}")
+    problems.append(f"batch_size={cfg.batch_size} must be divisible by micro_batches="
+                    f"{cfg.micro_batches}")
   if d.synthetic:  # The synthetic world would silently replace the user's data.
     own = [k for k in ("image_root", "tokenizer") if d[k]]
     own += ["train"] * any(os.path.isabs(p.partition(":")[0]) for p in (d.train or "").split(","))
