@@ -121,27 +121,30 @@ def _run_stage(cfg, workdir: str) -> dict:
     guard.check_fresh_start(stage_dir, cfg.checkpoint.every_steps, cfg.checkpoint.restart)
 
   writer = metrics_lib.MetricsWriter(stage_dir, total_steps=s.total_steps, resume_step=start,
-                                     console=cfg.log.progress)
+                                     console=cfg.log.progress, name=cfg.name)
   last = _last_record(stage_dir) if start else {}  # What a resume with nothing left reports.
   count_tokens = jax.jit(lambda mask: jnp.sum(mask, dtype=jnp.int32))
   tokens = 0  # Global (all hosts) non-pad tokens since the last log, on device.
+  nonfinite = 0  # Steps skipped for a non-finite loss/gradient since the last log, on device.
   stop = guard.StopOnSignal(check_every=cfg.log.every_steps).install()  # [guard] signals
   try:
     for step in range(start, s.total_steps):
       batch = parallel.global_batch_array(next(s.data), s.mesh, cfg.batch_size)
       tokens = tokens + count_tokens(batch["attention_mask"])
       s.state, m = s.step_fn(s.state, s.frozen, s.teacher, batch)
+      nonfinite = nonfinite + m["nonfinite"]
       done = step + 1
       if done % cfg.log.every_steps == 0 or done == s.total_steps:
         m = jax.device_get(m)
         record = {k: v for k, v in m.items() if k != "attn_cos"}
+        record["nonfinite"] = int(jax.device_get(nonfinite))  # Since the previous line.
         for i, c in enumerate(np.atleast_1d(m.get("attn_cos", []))):
           record[f"attn_cos_{i}"] = float(c)
         last = writer.log(done, record, tokens=int(jax.device_get(tokens)))
-        tokens = 0
+        tokens = nonfinite = 0
         # The state's own counter: right across log intervals and resumes.
         run = int(m["nonfinite_run"])
-        if run >= cfg.optim.max_nonfinite or (m["skipped"] and cfg.halt_on_nonfinite):
+        if run >= cfg.optim.max_nonfinite or (record["nonfinite"] and cfg.halt_on_nonfinite):
           raise UserError(f"[{cfg.name}] {run} non-finite step(s) in a row at step "
                           f"{done}: halting (lower optim.lr or check the data).")
       stop_now = stop.agreed(done)  # [guard] SIGTERM/SIGINT: checkpoint now, then exit.
