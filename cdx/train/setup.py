@@ -20,6 +20,7 @@ manifest.json ("layers"); a resume reuses it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from typing import Any, Callable
@@ -90,9 +91,16 @@ def _at_least(field: str, value, low, *, above: bool = False) -> str | None:
 
 
 def _remat_names() -> tuple:
-  policies = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")
-              and callable(getattr(jax.checkpoint_policies, n))]
-  return ("none", "full", *sorted(policies))
+  """The remat values: none, full and the jax.checkpoint_policies that are policies (not
+  factories taking names or other policies): their first parameter is the primitive."""
+  def is_policy(name):
+    try:
+      first = next(iter(inspect.signature(getattr(jax.checkpoint_policies, name)).parameters))
+    except (TypeError, ValueError, StopIteration):
+      return False
+    return first in ("prim", "_")
+  names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and is_policy(n)]
+  return ("none", "full", *sorted(names))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -106,7 +114,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       None if 0 <= o.warmup_ratio <= 1 else f"optim.warmup_ratio={o.warmup_ratio!r} must be "
       "in [0, 1]",
       _at_least("optim.max_nonfinite", o.max_nonfinite, 1),
-      _allowed("remat", cfg.remat, _remat_names()),
+      None if cfg.remat in _REMAT_ALIASES else _allowed("remat", cfg.remat, _remat_names()),
       _allowed("loss.kd_kind", lc.kd_kind, losses.KD_KINDS),
       _allowed("loss.kd_mask", lc.kd_mask, losses.KD_MASKS),
       _allowed("loss.attn_variant", lc.attn_variant, losses.ATTN_VARIANTS),
