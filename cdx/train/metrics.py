@@ -187,8 +187,9 @@ class MetricsWriter:
       self._tb.add_scalar("tokens_per_s", record["tokens_per_s"], int(step))
       self._tb.flush()
       if self._bar is not None:
-        self._bar.update(max(int(step) - self._bar.n, 0))
+        # The text first: update() renders the bar.
         self._bar.set_description_str(self.progress(record, now), refresh=False)
+        self._bar.update(max(int(step) - self._bar.n, 0))
     return record
 
   def progress(self, record: Mapping[str, Any], now: float | None = None) -> str:
@@ -241,7 +242,8 @@ class MetricsWriter:
       lines = [f"[{self.name}] stage done: steps {self.resume_step}->{result['final_step']} in "
                f"{wall / 60:.1f} min, {self._tokens:,} tokens "
                f"({result['tokens_per_s']:.0f} tok/s)",
-               "final: " + _format_terms(result["final"]),
+               "final: " + _format_terms({k: v for k, v in result["final"].items()
+                                          if not (k.startswith(NONFINITE) and not v)}),
                *(f"{name}: {where}" for name, where in result["outputs"].items()),
                *([f"{NONFINITE} steps (skipped updates): {self._nonfinite}"]
                  if self._nonfinite else []),
