@@ -104,6 +104,9 @@ def loss(preset: str, lm: float, kd: float, attn: float) -> ml_collections.Confi
       lm=lm, kd=kd, attn=attn,
       kd_kind="forward", kd_temperature=1.0, kd_beta=0.5, kd_mask="shifted",
       attn_variant="official", chunk_size=128 if preset == "tiny" else 256,
+      # cdx | official: official reproduces every departure of docs/METHOD.md §8 in the
+      # loss (attention block of 729 positions, text-only rows included, unshifted KD).
+      fidelity="cdx",
   ))
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   # Imported late so that --help and config errors are instant.
   from cdx.data.templates import SampleError
   from cdx.checkpoint import CheckpointError
-  from cdx.train import guard, loop, stages
+  from cdx.train import guard, loop, setup, stages
   try:
     try:  # Config problems are the user's to fix: no traceback.
       cfg = config_lib.load(args.config, overrides)
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
           os.path.join(config_dir, os.path.basename(spec)), upstream)
       todo = stages.plan(cfg, args.workdir, load_upstream, registry.config_spec,
                          args.build_missing)
+      for stage_cfg in [cfg, *todo]:  # Values in range: one line naming the field.
+        setup.validate(stage_cfg)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.UserError(str(e)) from None
     if args.dry_run:

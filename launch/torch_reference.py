@@ -181,7 +181,7 @@ def export_inputs(out_dir: str, student_cfg, teacher_cfg, objective, params: dic
     os.remove(lora_file)
   spec = {"student_layers": list(objective.student_layers),
           "teacher_groups": [list(g) for g in objective.teacher_groups],
-          "kd_mask": objective.kd_mask,
+          "kd_mask": objective.kd_positions,  # fidelity=official: unshifted
           "lora_rank": lora_spec.rank if lora_spec else 8,
           "lora_alpha": lora_spec.alpha if lora_spec else 16.0,
           **{"lr": 1e-4, "weight_decay": 0.0, "clip_norm": 1.0, **(optim or {})}}

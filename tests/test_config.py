@@ -189,3 +189,51 @@ def test_mesh_or_batch_that_does_not_divide_is_a_clear_error(capsys, tmp_path, o
                          f"--workdir={tmp_path}", override)
   assert status == 2 and re.search(message, err), err
   assert "Traceback" not in err
+
+
+# Each bad value: the error names the field, the value and what is allowed.
+BAD_VALUES = [
+    ("optim.lr=-1e-4", r"optim\.lr=-0\.0001 must be > 0"),
+    ("optim.lr=0", r"optim\.lr=0\.0 must be > 0"),
+    ("optim.schedule=cosin", r"optim\.schedule='cosin' is not one of cosine, linear, constant"),
+    ("optim.warmup_ratio=1.5", r"optim\.warmup_ratio=1\.5 must be in \[0, 1\]"),
+    ("optim.warmup_ratio=-0.1", r"optim\.warmup_ratio=-0\.1 must be in \[0, 1\]"),
+    ("remat=everything", r"remat='everything' is not one of none, full, .*nothing_saveable"),
+    ("loss.attn_variant=cos", r"loss\.attn_variant='cos' is not one of official, cosine, mse, kl"),
+    ("loss.kd_kind=kl", r"loss\.kd_kind='kl' is not one of forward, reverse, jsd"),
+    ("loss.kd_mask=none", r"loss\.kd_mask='none' is not one of shifted, official"),
+    ("loss.fidelity=paper", r"loss\.fidelity='paper' is not one of cdx, official"),
+    ("loss.kd=-1.0", r"loss\.kd=-1\.0 must be >= 0"),
+    ("layers.strategy=middle", r"layers\.strategy='middle' is not one of group, simple, adaptive"),
+    ("micro_batches=0", r"micro_batches=0 must be >= 1"),
+    ("micro_batches=3", r"batch_size=16 must be divisible by micro_batches=3"),
+    ("batch_size=-8", r"batch_size=-8 must be >= 1"),
+    ("total_steps=-2", r"total_steps=-2 must be >= 1, or -1"),
+    ("total_steps=0", r"total_steps=0 must be >= 1, or -1"),
+    ("data.template=chatml", r"data\.template='chatml' is not one of qwen2_base, pretrain"),
+    ("data.image_mode=crop", r"data\.image_mode='crop' is not one of square, pad"),
+    ("log.every_steps=0", r"log\.every_steps=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_value_is_a_one_line_error_at_load(override, message):
+  from cdx.train import setup
+  cfg = config_lib.load(_spec("dft", "tiny"), [f"--config.{override}"])
+  with pytest.raises(config_lib.UserError, match=message) as e:
+    setup.validate(cfg)
+  assert str(e.value).startswith(_spec("dft", "tiny") + ": ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES[::4])
+def test_bad_value_stops_the_dry_run(capsys, tmp_path, override, message):
+  status, out, err = _main(capsys, f"--config={_spec('dft', 'tiny')}", f"--workdir={tmp_path}",
+                           f"--config.{override}", "--dry_run")
+  assert status == 2 and re.search(message, err), err
+  assert len(err.strip().splitlines()) == 1 and "stage dft" not in out
+
+
+def test_bad_upstream_value_is_caught_before_any_stage(capsys, tmp_path):
+  status, _, err = _main(capsys, f"--config={_spec('dpt', 'tiny')}", f"--workdir={tmp_path}",
+                         "--upstream.optim.lr=-1.0", "--dry_run")
+  assert status == 2 and "optim.lr=-1.0 must be > 0" in err and "pretrain" in err

@@ -37,16 +37,16 @@ def _tb_scalars(stage_dir):
 def test_jsonl_format(tmp_path):
   with metrics.MetricsWriter(tmp_path, total_steps=4, enabled=True) as w:
     w.log(1, {"loss": jnp.float32(2.5), "lm": np.float64(2.0), "kd": jnp.asarray([0.5]),
-              "lr": 1e-3, "skipped": jnp.int32(3)}, tokens=100)
+              "lr": 1e-3, "nonfinite": jnp.int32(3)}, tokens=100)
     # Flushed per line: readable before close.
     assert _records(tmp_path)[0]["loss"] == 2.5
     w.log(2, {"loss": jnp.float32(float("nan")), "lm": 1.5}, tokens=50)
   lines = open(tmp_path / metrics.METRICS_FILE).read().splitlines()
   assert len(lines) == 2
   first, second = (json.loads(line) for line in lines)
-  assert list(first)[:6] == ["step", "loss", "lm", "kd", "lr", "skipped"]
+  assert list(first)[:6] == ["step", "loss", "lm", "kd", "lr", "nonfinite"]
   assert first["step"] == 1 and first["lm"] == 2.0 and first["kd"] == 0.5
-  assert first["lr"] == 1e-3 and first["skipped"] == 3 and isinstance(first["skipped"], int)
+  assert first["lr"] == 1e-3 and first["nonfinite"] == 3 and isinstance(first["nonfinite"], int)
   assert first["tokens_seen"] == 100 and second["tokens_seen"] == 150
   assert first["tokens_per_s"] > 0 and second["elapsed_s"] >= first["elapsed_s"]
   assert second["loss"] is None  # non-finite -> null: strict JSON
@@ -115,3 +115,37 @@ def test_summary(tmp_path, capsys):
   assert result["outputs"]["checkpoints"].endswith("ckpt")
   err = capsys.readouterr().err
   assert "128 tokens" in err and "loss=2" in err and str(tmp_path / "ckpt") in err
+
+
+def test_progress_bar_names_the_stage_and_shows_only_the_essentials(tmp_path, monkeypatch):
+  now = [0.0]
+  fake = type("Clock", (), {"monotonic": staticmethod(lambda: now[0])})
+  monkeypatch.setattr(metrics, "time", fake)  # Only the writer's clock.
+  with metrics.MetricsWriter(tmp_path / "dft", total_steps=10, enabled=True) as w:
+    m = {"loss": 2.5, "lm": 2.0, "kd": 0.4, "attn": 0.1, "lr": 1e-3, "grad_norm": 3.0,
+         "param_norm": 9.0, "tokens": 7, "nonfinite": 0, "nonfinite_run": 0}
+    now[0] = 100.0
+    w.log(1, m, tokens=1000)  # 100 s: mostly compile.
+    first = w.bar_text()
+    now[0] = 110.0
+    w.log(2, m, tokens=1000)  # 10 s per step from here on.
+    second = w.bar_text()
+    now[0] = 130.0
+    w.log(4, {**m, "nonfinite": 2}, tokens=2000)
+    third = w.bar_text()
+  assert first.startswith("[dft] 1/10 |") and "ETA ?" in first
+  assert second.startswith("[dft] 2/10 |")
+  assert "loss=2.5 lm=2 kd=0.4 attn=0.1 tok/s=100 ETA 1:20" in second  # 8 steps x 10 s
+  for text in (first, second):
+    assert "nonfinite" not in text and "skipped" not in text
+    assert not any(f in text for f in ("lr=", "grad_norm", "param_norm", "tokens="))
+  assert "ETA 1:00" in third and third.endswith("nonfinite=2")
+  assert len(second.split("| ", 1)[1].split()) == 7  # 4 terms, tok/s, "ETA", the time.
+
+
+def test_stage_done_names_the_stage(tmp_path, capsys):
+  with metrics.MetricsWriter(tmp_path / "sft", total_steps=1, enabled=True) as w:
+    w.log(1, {"loss": 1.0, "nonfinite": 1}, tokens=4)
+    w.summary()
+  err = capsys.readouterr().err
+  assert "[sft] stage done: steps 0->1" in err and "nonfinite steps (skipped updates): 1" in err

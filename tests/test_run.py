@@ -143,12 +143,16 @@ def test_bad_data_run_reports_the_checkers_counts(chain, tmp_path, capsys):
   path = _bad_file(chain, root)
   tok = os.path.join(chain, "data", "tokenizer")
   # One batch of 8 with shuffling off reads the file exactly once: bad lines first.
-  launcher.launch("--config=configs/pretrain.py", f"--workdir={tmp_path}", "--config.name=bad",
+  out = launcher.launch(
+          "--config=configs/pretrain.py", f"--workdir={tmp_path}", "--config.name=bad",
           "--config.total_steps=1", "--config.batch_size=8", "--config.data.shuffle=False",
           "--config.data.synthetic=False", f"--config.data.train={path}",
           f"--config.data.image_root={root}", f"--config.data.tokenizer={tok}",
           "--config.log.progress=False", "--config.export_hf=False")
   summary = json.load(open(tmp_path / "bad" / "summary.json"))
+  # The console's skip counts, and the warning (more than 5 % skipped).
+  assert f"[bad] data: {summary['data']['total']} samples, 8 ok" in out.stderr
+  assert "[bad] WARNING: " in out.stderr and "skipped (> 5%)" in out.stderr
 
   from cdx.data import check
   assert check.main([path, "--image-root", root, "--tokenizer", tok, "--max-length", "192",

@@ -241,7 +241,7 @@ def test_reference_step_metrics_and_learning():
   state, history = reference()
   m = history[0]
   for key in ("loss", "lm", "kd", "attn", "grad_norm", "param_norm", "tokens", "lr",
-              "attn_cos", "skipped", "nonfinite_run"):
+              "attn_cos", "nonfinite", "nonfinite_run"):
     assert key in m, key
   assert np.shape(m["attn_cos"]) == (len(s.objective.student_layers),)
   assert np.all(np.abs(m["attn_cos"]) <= 1 + 1e-6) and np.all(m["attn_cos"] != 0)
@@ -249,7 +249,7 @@ def test_reference_step_metrics_and_learning():
   np.testing.assert_allclose(m["loss"], m["lm"] + m["kd"] + m["attn"], rtol=1e-6)
   np.testing.assert_allclose(m["lr"], OPTIM["lr"], rtol=1e-6)  # No warmup: peak at step 0.
   assert m["grad_norm"] > 0 and m["attn"] > 0 and m["kd"] > 0
-  assert int(m["skipped"]) == 0 and int(m["nonfinite_run"]) == 0
+  assert int(m["nonfinite"]) == 0 and int(m["nonfinite_run"]) == 0
   # param_norm is the norm of the updated trainable set (post + LoRA).
   leaves = jax.tree.leaves((state["params"], state["lora"]))
   np.testing.assert_allclose(history[-1]["param_norm"],
@@ -439,7 +439,7 @@ def test_nonfinite_loss_skips_the_update():
     state, m = fn(state, fz, teacher, parallel.global_batch_array(batch, mesh, B))
     m, after = jax.device_get(m), _diff_host(state)
     assert not np.isfinite(m["loss"])
-    assert int(m["skipped"]) == 1 and int(m["nonfinite_run"]) == run_length
+    assert int(m["nonfinite"]) == 1 and int(m["nonfinite_run"]) == run_length
     assert after["nonfinite"] == run_length and after["opt"].skipped == run_length
     _assert_trees_close(after["params"], before["params"], rtol=0, atol=0)
     _assert_trees_close(after["lora"], before["lora"], rtol=0, atol=0)
@@ -447,7 +447,7 @@ def test_nonfinite_loss_skips_the_update():
   # A finite step afterwards updates again and resets the run.
   before = _diff_host(state)
   state, m = fn(state, frozen, teacher, parallel.global_batch_array(clean, mesh, B))
-  assert int(m["skipped"]) == 0 and int(m["nonfinite_run"]) == 0
+  assert int(m["nonfinite"]) == 0 and int(m["nonfinite_run"]) == 0
   assert np.isfinite(m["loss"])
   assert np.abs(np.asarray(state["params"]["post"]["kernel"])
                 - before["params"]["post"]["kernel"]).max() > 0

@@ -30,6 +30,13 @@ from cdx.models import mllm
 
 PyTree = Any
 
+# loss.fidelity: "cdx" (docs/METHOD.md §5), or "official": every departure of the loss
+# listed in docs/METHOD.md §8 undone (attention window, text-only rows, KD mask).
+FIDELITIES = ("cdx", "official")
+# Where the official code's hard-coded attention window starts: the 31 tokens before
+# `<image>` of its template with the Qwen tokenizer (docs/METHOD.md §8).
+OFFICIAL_START = 31
+
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -46,6 +53,12 @@ class Objective:
   student_layers: tuple[int, ...] = ()
   teacher_groups: tuple[tuple[int, ...], ...] = ()
   taf: bool = True
+  fidelity: str = "cdx"
+
+  @property
+  def kd_positions(self) -> str:
+    """The KD mask in effect: `fidelity=official` brings the unshifted one back."""
+    return "official" if self.fidelity == "official" else self.kd_mask
 
   @property
   def uses_teacher(self) -> bool:
@@ -64,26 +77,50 @@ class Forward(NamedTuple):
   inter: dict
   t_hidden: jax.Array | None
   t_inter: dict | None
-  visual_pos: jax.Array  # int32 [B, Nv]
-  has_image: jax.Array   # bool [B]: the row holds image tokens
+  visual_pos: jax.Array  # int32 [B, N]: the attention block's positions (N = Nv, or Nv + 1)
+  has_image: jax.Array   # bool [B]: the row's block counts in the attention loss
+
+
+def attention_positions(input_ids: jax.Array, image_token_id: int, num_visual: int,
+                        fidelity: str = "cdx") -> tuple[jax.Array, jax.Array]:
+  """(positions int32 [B, N], rows that count bool [B]) of the attention block.
+
+  cdx: the Nv image tokens of each row (N = Nv); rows without an image do not count.
+  official: the official code's fixed window of Nv + 1 positions (the image tokens and
+  the token after them, its "\n"), and every row counts. A text-only row takes the window
+  where the batch's first image row has it (the official template puts every image at
+  the same place), or at OFFICIAL_START in a batch without images; positions past the
+  sequence are clipped to its last one.
+  """
+  pos, has_image = mllm.visual_positions(input_ids, image_token_id, num_visual)
+  if fidelity == "cdx":
+    return pos, has_image
+  if fidelity != "official":
+    raise ValueError(f"loss fidelity={fidelity!r} is not one of {FIDELITIES}.")
+  common = jnp.where(has_image.any(), pos[jnp.argmax(has_image), 0], OFFICIAL_START)
+  start = jnp.where(has_image, pos[:, 0], common)
+  window = start[:, None] + jnp.arange(num_visual + 1, dtype=jnp.int32)[None, :]
+  window = jnp.minimum(window, input_ids.shape[1] - 1).astype(jnp.int32)
+  return window, jnp.ones_like(has_image)
 
 
 def forward(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
             params: PyTree, teacher: PyTree | None, batch: dict, *,
             student_capture: mllm.Capture = mllm.Capture(),
             teacher_capture: mllm.Capture | None = None, shared_adapter: bool = True,
-            lora: mllm.Lora | None = None) -> Forward:
+            lora: mllm.Lora | None = None, fidelity: str = "cdx") -> Forward:
   """Vision tower once and adapter once for both models, then both decoders.
 
   batch: input_ids int [B, L], attention_mask int [B, L], pixel_values f32 [B, H, W, 3].
   teacher_capture None: the teacher is not run. shared_adapter (TAF): the teacher reads
   the student's adapter output (the student holds the teacher's adapter); otherwise the
   teacher's own adapter runs on the shared vision features. The vision features and the
-  teacher are outside the gradient.
+  teacher are outside the gradient. fidelity: which attention block is captured
+  (`attention_positions`).
   """
   ids, mask = batch["input_ids"], batch["attention_mask"]
   nv = mllm.num_visual_tokens(student_cfg)
-  vis_pos, has_image = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
+  vis_pos, has_image = attention_positions(ids, student_cfg.image_token_id, nv, fidelity)
 
   # One vision forward and one adapter forward serve both models (frozen: no grad needed).
   feats = jax.lax.stop_gradient(mllm.encode_images(student_cfg, params, batch["pixel_values"]))
@@ -116,8 +153,9 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   out = forward(student_cfg, teacher_cfg, params, teacher, batch,
                 student_capture=capture(obj.student_layers),
                 teacher_capture=capture(obj.teacher_layers) if obj.uses_teacher else None,
-                shared_adapter=obj.taf, lora=lora)
-  has_image = jnp.logical_and(out.has_image, batch["has_image"])
+                shared_adapter=obj.taf, lora=lora, fidelity=obj.fidelity)
+  has_image = out.has_image if obj.fidelity == "official" else jnp.logical_and(
+      out.has_image, batch["has_image"])
 
   t_head, t_layout = None, "dv"
   if obj.uses_teacher:
@@ -125,7 +163,7 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
     t_head = jax.lax.stop_gradient(t_head)
   metrics = {}
   kd_options = losses.KDOptions(temperature=obj.kd_temperature, kind=obj.kd_kind,
-                                beta=obj.kd_beta, mask=obj.kd_mask)
+                                beta=obj.kd_beta, mask=obj.kd_positions)
   # Heads in their stored layout: a tied [V, D] table is contracted as is, not transposed.
   s_head, s_layout = mllm.lm_head(student_cfg, params)
   sums = losses.lm_kd_chunked(

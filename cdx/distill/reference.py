@@ -61,8 +61,10 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
   ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
   pixels = batch["pixel_values"]
   nv = mllm.num_visual_tokens(student_cfg)
-  vis_pos, has_image = mllm.visual_positions(ids, student_cfg.image_token_id, nv)
-  has_image = jnp.logical_and(has_image, batch["has_image"])
+  vis_pos, has_image = objective.attention_positions(ids, student_cfg.image_token_id, nv,
+                                                     obj.fidelity)
+  if obj.fidelity != "official":
+    has_image = jnp.logical_and(has_image, batch["has_image"])
   keep_maps = obj.attn > 0
 
   def run(cfg, llm_params, adapter_params, post_params, lora=None):
@@ -93,7 +95,7 @@ def compute_loss(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | No
              "tokens": (losses.next_token_targets(labels) != losses.IGNORE).sum()}
   if obj.kd > 0:
     kd_loss = losses.kd(s_logits, t_logits, labels, temperature=obj.kd_temperature,
-                        kind=obj.kd_kind, beta=obj.kd_beta, mask=obj.kd_mask)
+                        kind=obj.kd_kind, beta=obj.kd_beta, mask=obj.kd_positions)
     total = total + obj.kd * kd_loss
     metrics["kd"] = kd_loss
   if keep_maps:

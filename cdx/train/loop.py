@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 
 import jax
@@ -34,6 +35,7 @@ from cdx import hf
 from cdx import parallel
 from cdx import paths as paths_lib
 from cdx.config import UserError
+from cdx.data import pipeline as pipeline_lib
 from cdx.data import tokenizer as tokenizer_lib
 from cdx.models import mllm
 from cdx.train import guard
@@ -60,7 +62,21 @@ def _check_layout(cfg, stage_dir: str) -> None:
 
 
 def run_stage(cfg, workdir: str) -> dict:
-  """Trains one stage to completion (resuming if it has checkpoints); returns the summary."""
+  """Trains one stage to completion (resuming if it has checkpoints); returns the summary.
+
+  Training data without a usable sample (`pipeline.NoUsableData`: every sample skipped
+  for a whole epoch) stops the stage with a one-line UserError naming the files and the
+  top skip reasons. On several hosts each host stops on its own slice; the slices are
+  interleaved draws of one shuffled order, so unusable data stops all of them within the
+  same epoch (a host whose slice alone were unusable would leave the others waiting in
+  the next collective until the job is torn down)."""
+  try:
+    return _run_stage(cfg, workdir)
+  except pipeline_lib.NoUsableData as e:
+    raise UserError(f"[{cfg.name}] {e}") from None
+
+
+def _run_stage(cfg, workdir: str) -> dict:
   parallel.initialize()
   stage_dir = os.path.join(workdir, cfg.name)
   if ckpt_lib.is_done(stage_dir):
@@ -105,27 +121,30 @@ def run_stage(cfg, workdir: str) -> dict:
     guard.check_fresh_start(stage_dir, cfg.checkpoint.every_steps, cfg.checkpoint.restart)
 
   writer = metrics_lib.MetricsWriter(stage_dir, total_steps=s.total_steps, resume_step=start,
-                                     console=cfg.log.progress)
+                                     console=cfg.log.progress, name=cfg.name)
   last = _last_record(stage_dir) if start else {}  # What a resume with nothing left reports.
   count_tokens = jax.jit(lambda mask: jnp.sum(mask, dtype=jnp.int32))
   tokens = 0  # Global (all hosts) non-pad tokens since the last log, on device.
+  nonfinite = 0  # Steps skipped for a non-finite loss/gradient since the last log, on device.
   stop = guard.StopOnSignal(check_every=cfg.log.every_steps).install()  # [guard] signals
   try:
     for step in range(start, s.total_steps):
       batch = parallel.global_batch_array(next(s.data), s.mesh, cfg.batch_size)
       tokens = tokens + count_tokens(batch["attention_mask"])
       s.state, m = s.step_fn(s.state, s.frozen, s.teacher, batch)
+      nonfinite = nonfinite + m["nonfinite"]
       done = step + 1
       if done % cfg.log.every_steps == 0 or done == s.total_steps:
         m = jax.device_get(m)
         record = {k: v for k, v in m.items() if k != "attn_cos"}
+        record["nonfinite"] = int(jax.device_get(nonfinite))  # Since the previous line.
         for i, c in enumerate(np.atleast_1d(m.get("attn_cos", []))):
           record[f"attn_cos_{i}"] = float(c)
         last = writer.log(done, record, tokens=int(jax.device_get(tokens)))
-        tokens = 0
+        tokens = nonfinite = 0
         # The state's own counter: right across log intervals and resumes.
         run = int(m["nonfinite_run"])
-        if run >= cfg.optim.max_nonfinite or (m["skipped"] and cfg.halt_on_nonfinite):
+        if run >= cfg.optim.max_nonfinite or (record["nonfinite"] and cfg.halt_on_nonfinite):
           raise UserError(f"[{cfg.name}] {run} non-finite step(s) in a row at step "
                           f"{done}: halting (lower optim.lr or check the data).")
       stop_now = stop.agreed(done)  # [guard] SIGTERM/SIGINT: checkpoint now, then exit.
@@ -140,12 +159,15 @@ def run_stage(cfg, workdir: str) -> dict:
     stop.restore()  # [guard]
     checkpointer.close()
 
+  report = data_report(s.data.stats)
   outputs = export_stage(s)
   if s.layers is not None:
     outputs["layers"] = os.path.join(stage_dir, ckpt_lib.MANIFEST_FILE)
   summary = writer.summary(outputs=outputs, stage=cfg.name, steps=s.total_steps,
                            seconds=round(time.time() - t0, 1),
-                           data=data_report(s.data.stats))
+                           data=report)
+  if jax.process_index() == 0:  # Skipped samples, and a warning above 5 %.
+    print("\n".join(pipeline_lib.skip_lines(report, cfg.name)), file=sys.stderr)
   if writer.last is None and last:  # Resumed at the end: report the logged final step.
     summary["final_step"] = last.get("step")
     summary["final"] = {k: v for k, v in last.items() if k not in metrics_lib.ADDED_FIELDS}
@@ -178,16 +200,7 @@ def data_report(stats: dict) -> dict:
   They count the samples this run drew (from the start, across resumes): over exactly one
   epoch they equal the checker's counts of the training files.
   """
-  per_host = ckpt_lib.gather_per_process(stats)
-  reasons, warnings = {}, {}
-  for st in per_host:
-    for k, v in st["skipped"].items():
-      reasons[k] = reasons.get(k, 0) + v
-    for k, v in st["warnings"].items():
-      warnings[k] = warnings.get(k, 0) + v
-  return {"total": sum(st["seen"] for st in per_host), "ok": sum(st["ok"] for st in per_host),
-          "bad": sum(reasons.values()), "reasons": dict(sorted(reasons.items())),
-          "warnings": dict(sorted(warnings.items()))}
+  return pipeline_lib.merge_stats(ckpt_lib.gather_per_process(stats))
 
 
 def export_stage(s: setup_lib.Setup) -> dict:

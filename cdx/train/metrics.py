@@ -12,7 +12,12 @@
   JSON). Each line is flushed when written, so a kill loses at most that line. On resume from step s, lines with step > s (and a torn last line)
   are dropped first, so the file never holds a step twice.
 * ``stage_dir/tb/``: TensorBoard event files (tensorboardX), one scalar per metric.
-* a console progress bar (tqdm) with ETA, tokens/s and the loss terms.
+* a console progress bar (tqdm) per stage, e.g.
+    [dft]  120/400 |████▏          | loss=2.31 lm=2.1 kd=0.4 attn=0.02 tok/s=8123 ETA 3:12
+  the stage's name, the step, the loss terms (`BAR_TERMS`), tokens/s and an ETA measured
+  from the first logged step on (so compile time is not extrapolated); `nonfinite=N`
+  (steps skipped for a non-finite loss or gradient in this run) appears only when N > 0.
+  Everything else goes to metrics.jsonl and TensorBoard.
 * ``stage_dir/summary.json`` from `summary()`: time, tokens, final metrics, outputs.
 """
 from __future__ import annotations
@@ -34,6 +39,17 @@ SUMMARY_FILE = "summary.json"
 TB_DIR = "tb"
 # Fields the writer adds to every record (never a metric name).
 ADDED_FIELDS = ("step", "tokens_seen", "tokens_per_s", "elapsed_s")
+BAR_TERMS = ("loss", "lm", "kd", "attn")  # The loss terms the progress bar shows.
+NONFINITE = "nonfinite"  # The step metric: 1 when the step was skipped (cdx/train/step.py).
+# tqdm prefixes {postfix} with ", ": the progress text goes into {desc}, after the bar.
+_BAR_FORMAT = "[{name}] {{n_fmt}}/{{total_fmt}} |{{bar:16}}| {{desc}}"
+
+
+def _clock(seconds: float) -> str:
+  """'1:02:03' / '3:12'."""
+  m, sec = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def _to_scalar(name: str, value: Any) -> int | float | bool | None:
@@ -93,16 +109,22 @@ class MetricsWriter:
       with a larger step, left by an earlier run, are dropped.
     enabled: whether this process writes anything; default: process 0 only.
     console: whether to show the tqdm progress line.
+    name: the stage's name, shown on the bar and the summary (default: the dir's name).
   """
 
   def __init__(self, stage_dir: str | os.PathLike, total_steps: int | None = None,
-               resume_step: int = 0, enabled: bool | None = None, console: bool = True):
+               resume_step: int = 0, enabled: bool | None = None, console: bool = True,
+               name: str | None = None):
     if resume_step < 0:
       raise ValueError(f"resume_step={resume_step}: must be >= 0")
     self.stage_dir = os.path.abspath(os.fspath(stage_dir))
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     self.resume_step = int(resume_step)
+    self.name = name or os.path.basename(self.stage_dir)
+    self.total_steps = total_steps
     self.last: dict[str, Any] | None = None
+    self._nonfinite = 0
+    self._eta_from: tuple[float, int] | None = None  # (time, step) of the first log
     self._tokens = 0
     self._file = self._tb = None
     self._bar = None
@@ -121,6 +143,8 @@ class MetricsWriter:
         purge_step=self.resume_step + 1 if self.resume_step else None)
     if console:
       self._bar = tqdm.tqdm(total=total_steps, initial=self.resume_step, unit="step",
+                            bar_format=_BAR_FORMAT.format(
+                                name=self.name.replace("{", "{{").replace("}", "}}")),
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     self._start_clock()  # set-up time is not training time
 
@@ -152,6 +176,9 @@ class MetricsWriter:
     record["elapsed_s"] = round(now - self._start, 3)
     self._last_time = now
     self.last = record
+    self._nonfinite += int(record.get(NONFINITE) or 0)
+    if self._eta_from is None:  # The first step's time is mostly compilation.
+      self._eta_from = (now, int(step))
     if self.enabled:
       self._file.write(json.dumps(record, allow_nan=False) + "\n")
       self._file.flush()
@@ -160,12 +187,29 @@ class MetricsWriter:
       self._tb.add_scalar("tokens_per_s", record["tokens_per_s"], int(step))
       self._tb.flush()
       if self._bar is not None:
+        # The text first: update() renders the bar.
+        self._bar.set_description_str(self.progress(record, now), refresh=False)
         self._bar.update(max(int(step) - self._bar.n, 0))
-        self._bar.set_postfix_str(self._postfix(record), refresh=False)
     return record
 
-  def _postfix(self, record: Mapping[str, Any]) -> str:
-    return f"tok/s={record['tokens_per_s']:.0f} " + _format_terms(record)
+  def progress(self, record: Mapping[str, Any], now: float | None = None) -> str:
+    """The bar's text after the step count: loss terms, tok/s, ETA, non-finite steps."""
+    now = time.monotonic() if now is None else now
+    terms = " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float)
+                     else f"{k}={record[k]}" for k in BAR_TERMS if k in record)
+    text = f"{terms} tok/s={record['tokens_per_s']:.0f}"
+    if self.total_steps:
+      t0, s0 = self._eta_from or (now, record["step"])
+      done = record["step"] - s0
+      eta = (now - t0) / done * (self.total_steps - record["step"]) if done > 0 else None
+      text += " ETA " + ("?" if eta is None else _clock(eta))
+    if self._nonfinite:
+      text += f" {NONFINITE}={self._nonfinite}"
+    return text
+
+  def bar_text(self) -> str:
+    """The progress bar as rendered now ("" without a console bar)."""
+    return "" if self._bar is None else str(self._bar)
 
   def summary(self, outputs: Mapping[str, str] | None = None,
               **extra: Any) -> dict[str, Any]:
@@ -195,11 +239,14 @@ class MetricsWriter:
       with open(path + ".tmp", "w") as f:
         f.write(text + "\n")
       os.replace(path + ".tmp", path)
-      lines = [f"stage done: steps {self.resume_step}->{result['final_step']} in "
+      lines = [f"[{self.name}] stage done: steps {self.resume_step}->{result['final_step']} in "
                f"{wall / 60:.1f} min, {self._tokens:,} tokens "
                f"({result['tokens_per_s']:.0f} tok/s)",
-               "final: " + _format_terms(result["final"]),
+               "final: " + _format_terms({k: v for k, v in result["final"].items()
+                                          if not (k.startswith(NONFINITE) and not v)}),
                *(f"{name}: {where}" for name, where in result["outputs"].items()),
+               *([f"{NONFINITE} steps (skipped updates): {self._nonfinite}"]
+                 if self._nonfinite else []),
                f"summary: {path}"]
       tqdm.tqdm.write("\n".join(lines), file=sys.stderr)
     return result

@@ -20,6 +20,7 @@ manifest.json ("layers"); a resume reuses it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from typing import Any, Callable
@@ -36,8 +37,11 @@ from cdx.analysis import attention as attention_lib
 from cdx.config import UserError
 from cdx.data import pipeline as pipeline_lib
 from cdx.data import sources
+from cdx.data import images
+from cdx.data import templates
 from cdx.data import tokenizer as tokenizer_lib
 from cdx.distill import layers as layers_lib
+from cdx.distill import losses
 from cdx.distill import objective as objective_lib
 from cdx.distill import taf
 from cdx.models import mllm
@@ -75,6 +79,79 @@ def spec_config(spec: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
     raise UserError(f"{cfg.config_file}: bad model spec ({e}).") from None
 
 
+def _allowed(field: str, value, allowed) -> str | None:
+  if value in allowed:
+    return None
+  return f"{field}={value!r} is not one of {', '.join(map(str, allowed))}"
+
+
+def _at_least(field: str, value, low, *, above: bool = False) -> str | None:
+  bad = not isinstance(value, (int, float)) or value < low or (above and value == low)
+  return f"{field}={value!r} must be {'>' if above else '>='} {low}" if bad else None
+
+
+def _remat_names() -> tuple:
+  """The remat values: none, full and the jax.checkpoint_policies that are policies (not
+  factories taking names or other policies): their first parameter is the primitive."""
+  def is_policy(name):
+    try:
+      first = next(iter(inspect.signature(getattr(jax.checkpoint_policies, name)).parameters))
+    except (TypeError, ValueError, StopIteration):
+      return False
+    return first in ("prim", "_")
+  names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and is_policy(n)]
+  return ("none", "full", *sorted(names))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """One-line UserError for the first field out of range; the allowed values come from the
+  modules that read them. Called on every planned stage by launch/run.py (--dry_run too)
+  and again by `build`."""
+  o, lc, d = cfg.optim, cfg.loss, cfg.data
+  problems = [
+      _at_least("optim.lr", o.lr, 0, above=True),
+      _allowed("optim.schedule", o.schedule, optim.SCHEDULES),
+      None if 0 <= o.warmup_ratio <= 1 else f"optim.warmup_ratio={o.warmup_ratio!r} must be "
+      "in [0, 1]",
+      _at_least("optim.max_nonfinite", o.max_nonfinite, 1),
+      None if cfg.remat in _REMAT_ALIASES else _allowed("remat", cfg.remat, _remat_names()),
+      _allowed("loss.kd_kind", lc.kd_kind, losses.KD_KINDS),
+      _allowed("loss.kd_mask", lc.kd_mask, losses.KD_MASKS),
+      _allowed("loss.attn_variant", lc.attn_variant, losses.ATTN_VARIANTS),
+      _allowed("loss.fidelity", lc.get("fidelity", "cdx"), objective_lib.FIDELITIES),
+      *(_at_least(f"loss.{k}", lc[k], 0) for k in ("lm", "kd", "attn")),
+      _at_least("loss.kd_temperature", lc.kd_temperature, 0, above=True),
+      _at_least("loss.chunk_size", lc.chunk_size, 1),
+      _allowed("layers.strategy", cfg.layers.strategy, (*layers_lib.STRATEGIES, "adaptive")),
+      _at_least("batch_size", cfg.batch_size, 1),
+      _at_least("micro_batches", cfg.micro_batches, 1),
+      _at_least("max_length", cfg.max_length, 1),
+      _at_least("epochs", cfg.epochs, 0, above=True),
+      None if cfg.total_steps == -1 or cfg.total_steps >= 1 else
+      f"total_steps={cfg.total_steps!r} must be >= 1, or -1 (one pass over the data)",
+      _allowed("data.template", d.template, templates.TEMPLATES),
+      _allowed("data.image_mode", d.image_mode, images.MODES),
+      _at_least("data.worker_count", d.worker_count, 0),
+      _at_least("log.every_steps", cfg.log.every_steps, 1),
+      _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1),
+      _at_least("checkpoint.keep", cfg.checkpoint.keep, 1),
+  ]
+  sizes_ok = all(isinstance(cfg[k], int) and cfg[k] >= 1 for k in ("batch_size", "micro_batches"))
+  if sizes_ok and cfg.batch_size % cfg.micro_batches:
+    problems.append(f"batch_size={cfg.batch_size} must be divisible by micro_batches="
+                    f"{cfg.micro_batches}")
+  if d.synthetic:  # The synthetic world would silently replace the user's data.
+    own = [k for k in ("image_root", "tokenizer") if d[k]]
+    own += ["train"] * any(os.path.isabs(p.partition(":")[0]) for p in (d.train or "").split(","))
+    if own:
+      problems.append(f"data.{own[0]}={d[own[0]]!r} is ignored while data.synthetic=True "
+                      "(the tiny preset's generated world): add --config.data.synthetic=False "
+                      "to train on your own data")
+  problems = [p for p in problems if p]
+  if problems:
+    raise UserError(f"{cfg.get('config_file') or cfg.name}: {problems[0]}.")
+
+
 # ------------------------------------------------------------------------ data set-up
 
 def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[str], str]:
@@ -89,6 +166,8 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
     ckpt_lib.sync("cdx_synthetic_data")  # Other hosts read what process 0 wrote.
     tok_path = os.path.join(root, "tokenizer")
   missing = [f"data.{k}" for k, v in (("train", data.train), ("tokenizer", tok_path)) if not v]
+  where = " (the synthetic world's folder; for your own data add --config.data.synthetic=False)" \
+      if data.synthetic else ""
   if missing:
     raise UserError(
         f"{cfg.config_file}: set {', '.join(missing)} (e.g. --config.data.train="
@@ -99,7 +178,7 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
     path, _, weight = item.partition(":")
     path = path if os.path.isabs(path) or not root else os.path.join(root, path)
     if not os.path.isfile(path):
-      raise UserError(f"data.train: {path} does not exist.")
+      raise UserError(f"data.train: {path} does not exist{where}.")
     files.append(path)
     weights.append(float(weight or 1.0))
   if not os.path.isdir(tok_path):
@@ -147,6 +226,7 @@ def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
   if spec.hf_path:
     if not os.path.isdir(spec.hf_path):
       raise UserError(f"{role}.hf_path: {spec.hf_path} is not a directory.")
+    check_tokenizer(spec.hf_path, fingerprint, role)
     with open(os.path.join(spec.hf_path, "config.json")) as f:
       arch = json.load(f).get("architectures", [""])[0]
     if arch.startswith("Llava"):
@@ -172,6 +252,23 @@ def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
   params = mllm.init_params(model_cfg, jax.random.key(cfg.seed + (1 if role == "teacher" else 2)))
   params["vision"] = _shared_vision(model_cfg, cfg.seed)
   return model_cfg, params, {"random": cfg.seed}
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def check_tokenizer(path: str, fingerprint: str, role: str) -> None:
+  """The tokenizer saved beside the weights in `path` (if any) must be the data's: a
+  mismatch would train with KD between unrelated vocabularies."""
+  if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    print(f"note: {role}.hf_path {path} holds no tokenizer; cannot check that it matches "
+          "data.tokenizer.")
+    return
+  theirs = tokenizer_lib.fingerprint(tokenizer_lib.load_tokenizer(path)[0])
+  if theirs != fingerprint:
+    raise UserError(
+        f"{role}.hf_path {path} comes with another tokenizer ({theirs}) than data.tokenizer "
+        f"({fingerprint}); teacher, student and data must share one tokenizer.")
 
 
 def check_pair(student: mllm.MllmConfig, teacher: mllm.MllmConfig, vocab: int) -> None:
@@ -232,7 +329,8 @@ def make_objective(cfg, student_layers, teacher_groups, with_teacher: bool
       kd_kind=lc.kd_kind, kd_temperature=lc.kd_temperature, kd_beta=lc.kd_beta,
       kd_mask=lc.kd_mask, attn_variant=lc.attn_variant, chunk_size=lc.chunk_size,
       student_layers=tuple(student_layers),
-      teacher_groups=tuple(tuple(g) for g in teacher_groups), taf=cfg.taf)
+      teacher_groups=tuple(tuple(g) for g in teacher_groups), taf=cfg.taf,
+      fidelity=lc.get("fidelity", "cdx"))
 
 
 def make_loss_fn(student_cfg: mllm.MllmConfig, teacher_cfg: mllm.MllmConfig | None,
@@ -323,6 +421,7 @@ def _total_steps(cfg, num_samples: int) -> int:
 
 def build(cfg, workdir: str) -> Setup:
   """Resolves the config into models, data, state and the compiled step."""
+  validate(cfg)
   stage_dir = os.path.join(workdir, cfg.name)
   n_dev = jax.device_count()
   try:
@@ -362,7 +461,8 @@ def build(cfg, workdir: str) -> Setup:
 
   source = sources.LlavaSource([f for f, _ in files], image_root=root,
                                weights=[w for _, w in files], seed=cfg.seed,
-                               strict=cfg.data.strict)
+                               strict=cfg.data.strict,
+                               allow_outside_root=cfg.data.allow_outside_root)
   per_process = cfg.batch_size // jax.process_count()
   pipe_cfg = pipeline_lib.PipelineConfig(
       batch_size=per_process, max_length=cfg.max_length,
@@ -371,6 +471,7 @@ def build(cfg, workdir: str) -> Setup:
       seed=cfg.seed, shuffle=cfg.data.shuffle, worker_count=cfg.data.worker_count,
       strict=cfg.data.strict)
   make_data = lambda: pipeline_lib.make_pipeline(source, tokenizer, pipe_cfg, pad_id=ids.pad)
+  data = make_data()  # Raises NoUsableData for files without a sample (before any model).
 
   student_layers, groups, layers_info = (), (), None
   if teacher is not None:
@@ -403,7 +504,7 @@ def build(cfg, workdir: str) -> Setup:
   return Setup(cfg=cfg, stage_dir=stage_dir, mesh=mesh, model_cfg=model_cfg,
                teacher_cfg=teacher_cfg, objective=obj, lora_spec=t.lora_spec,
                state=state, frozen=frozen, teacher=teacher, step_fn=step_fn,
-               total_steps=t.total_steps, tokenizer=tokenizer, ids=ids, data=make_data(),
+               total_steps=t.total_steps, tokenizer=tokenizer, ids=ids, data=data,
                provenance=provenance, layers=layers_info)
 
 

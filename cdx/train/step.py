@@ -94,7 +94,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformationExtraArgs
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(new_diff)
     metrics["lr"] = schedule(state["step"])
-    metrics["skipped"] = (~finite).astype(jnp.int32)
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)  # 1: this update was skipped
     metrics["nonfinite_run"] = new_state["nonfinite"]
     return new_state, metrics
 
