@@ -86,9 +86,7 @@ def analyze(args, benchmark: str, dataset, teacher, students: dict, out_dir: str
   sims, bins, correct_by = {}, {}, {}
   for name, student in students.items():
     sims[name] = diagnostics.layer_similarity(teacher, student, units, args.batch_size)
-    correct, protocol = diagnostics.per_item_correct(benchmark, items, student,
-                                                     args.batch_size)
-    ok = [correct[u["id"]] for u in units]
+    ok, protocol = diagnostics.per_item_correct(benchmark, items, student, args.batch_size)
     bins[name] = {"protocol": protocol, "bins": diagnostics.similarity_bins(
         sims[name]["per_sample"], ok, min(args.bins, len(units)))}
     correct_by[name] = ok
@@ -109,7 +107,7 @@ def analyze(args, benchmark: str, dataset, teacher, students: dict, out_dir: str
   written.append(plots.similarity_figure(
       {n: s["matrix"] for n, s in sims.items()}, os.path.join(out_dir, "similarity.png"),
       {n: (s["student_layers"], s["teacher_groups"]) for n, s in sims.items()}))
-  samples = {n: [{"id": u["id"], "similarity": float(s), "correct": c} for u, s, c in
+  samples = {n: [{"uid": u["uid"], "id": u["id"], "similarity": float(s), "correct": c} for u, s, c in
                  zip(units, sims[n]["per_sample"], correct_by[n])] for n in students}
   written.append(_write_json({"benchmark": benchmark, "students": bins, "samples": samples},
                              os.path.join(out_dir, "bins.json")))

@@ -50,7 +50,7 @@ MODES = ("none", "average", "teacher")
 # ----------------------------------------------------------------------------- inputs
 
 def units_of(items: list[dict]) -> list[dict]:
-  """One {"id", "image", "prompt"} per benchmark item: its prompt (VQA-style items), else
+  """One {"id", "uid", "image", "prompt"} per benchmark item: its prompt (VQA-style items), else
   the yes/no question of its (first) true caption (SugarCrepe, paired items)."""
   out = []
   for it in items:
@@ -62,7 +62,7 @@ def units_of(items: list[dict]) -> list[dict]:
       image, prompt = it["image_0"], scoring.yes_no_prompt(it["caption_0"])
     else:
       raise ValueError(f"item {it.get('id')!r} has no prompt, caption or image to analyze.")
-    out.append({"id": it.get("id"), "image": image, "prompt": prompt})
+    out.append({"id": it.get("id"), "uid": it.get("uid"), "image": image, "prompt": prompt})
   return out
 
 
@@ -172,11 +172,12 @@ def layer_similarity(teacher: run.Model, student: run.Model, units: list[dict],
 
 
 def per_item_correct(benchmark: str, items: list[dict], model: run.Model,
-                     batch_size: int = 8) -> tuple[dict, str]:
-  """({item id: correctness in [0, 1]}, protocol) under the benchmark's likelihood
-  protocol when it has one, else its generate protocol. Correctness of an item: the mean
-  of its records' "correct" (SugarCrepe: both orders), "accuracy" (VQA) or "text"
-  (paired) values."""
+                     batch_size: int = 8) -> tuple[list[float], str]:
+  """(correctness in [0, 1] per item, protocol) under the benchmark's likelihood protocol
+  when it has one, else its generate protocol. Correctness of an item: the mean of its
+  records' "correct" (SugarCrepe: both orders), "accuracy" (VQA) or "text" (paired)
+  values; records are matched to items by (subset, id) where they name a subset (ids
+  repeat across SugarCrepe subsets), else by id."""
   tasks = protocols.tasks(benchmark)
   name = next(p for p in (protocols.LIKELIHOOD, protocols.GENERATE, protocols.CAPTION)
               if p in tasks)
@@ -184,11 +185,18 @@ def per_item_correct(benchmark: str, items: list[dict], model: run.Model,
   fn = (run.make_logprob(model, batch_size) if task.kind == "logprob"
         else run.make_generate(model, batch_size))
   result = task.evaluate(items, fn)
-  by_id: dict[Any, list[float]] = {}
+  values: dict[tuple, list[float]] = {}
   for r in result["records"]:
+    key = (r["subset"], r["id"]) if "subset" in r else (None, r["id"])
     value = next(r[k] for k in ("correct", "accuracy", "text") if k in r)
-    by_id.setdefault(r["id"], []).append(float(value))
-  return {k: sum(v) / len(v) for k, v in by_id.items()}, result["protocol"]
+    values.setdefault(key, []).append(float(value))
+  out = []
+  for it in items:
+    v = values.get((it.get("subset"), it.get("id"))) or values.get((None, it.get("id")))
+    if not v:
+      raise ValueError(f"no {result['protocol']} record for item {it.get('id')!r}.")
+    out.append(sum(v) / len(v))
+  return out, result["protocol"]
 
 
 def similarity_bins(similarity, correct, num_bins: int = 5) -> list[dict[str, float]]:
