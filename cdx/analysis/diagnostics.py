@@ -27,6 +27,7 @@ the benchmark's likelihood protocol (`cdx.eval.protocols`) under each mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -239,6 +240,8 @@ def make_intervened_logprob(teacher: run.Model, student: run.Model, layers: list
   if mode not in MODES:
     raise ValueError(f"intervention mode {mode!r}; use one of {MODES}.")
   check_pair(teacher, student)
+  cfg, params = mllm.unscanned(student.cfg, student.params)  # the override needs unrolled
+  student = dataclasses.replace(student, cfg=cfg, params=params)
   groups = teacher_groups_for(student, teacher, layers)
   t_layers = tuple(sorted({l for g in groups for l in g}))
   head = functools.partial(_option_logprobs, student.cfg)

@@ -6,7 +6,8 @@ grouped-query attention (num_kv_heads <= num_heads), tied or untied LM head.
 `Decoder` works on embeddings so the MLLM can splice image features in first:
   embed_tokens(ids int [B, L]) -> [B, L, D] (compute dtype)
   __call__(embeds [B, L, D], attention_mask int [B, L], visual_pos int [B, Nv] | None,
-           cache | None) -> hidden [B, L, D] after the final norm, inter dict
+           cache | None, attn_override | None) -> hidden [B, L, D] after the final
+           norm, inter dict (attn_override: see `Capture.override`)
   logits(hidden) -> float32 [B, L, V]
   lm(ids, attention_mask, cache) -> (logits, inter): the three above chained
 
