@@ -83,3 +83,32 @@ def visual_summary(q: jax.Array, k: jax.Array, mask: jax.Array,
   probs = _scores(q_vis, k, mask_vis)  # [B, H, Nv, S]
   probs = jax.vmap(lambda p, pos: p[..., pos])(probs, visual_pos)  # [B, H, Nv, Nv]
   return probs.mean(axis=1)
+
+
+def override_visual(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    visual_pos: jax.Array, replacement: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Attention of the visual query rows with their head-averaged visual block replaced.
+
+  replacement f32 [B, Nv, Nv]: the wanted head-averaged map of the visual queries over
+  the visual keys (rows / columns in sequence order, as `visual_summary`). Per head h,
+  the visual block P_h is rescaled entry-wise by replacement / mean_h(P) (so the heads'
+  average becomes the replacement and each head keeps its share; entries the model
+  gives no mass, e.g. masked ones, stay 0), then every row is divided by its sum over
+  all keys, so the non-visual keys keep their relative weights and each row sums to 1.
+  With replacement == the model's own `visual_summary`, nothing changes.
+  Returns the new outputs of the visual rows [B, Nv, H, Dh] (q's dtype) and their
+  probabilities f32 [B, H, Nv, S].
+  """
+  take = jax.vmap(lambda x, p: x[p])
+  probs = _scores(take(q, visual_pos), k, take(mask, visual_pos))  # [B, H, Nv, S]
+  block = jax.vmap(lambda p, pos: p[..., pos])(probs, visual_pos)  # [B, H, Nv, Nv]
+  mean = block.mean(axis=1, keepdims=True)
+  ratio = jnp.where(mean > 0, replacement[:, None].astype(jnp.float32) /
+                    jnp.where(mean > 0, mean, 1.0), 0.0)
+  probs = jax.vmap(lambda p, pos, new: p.at[..., pos].set(new))(probs, visual_pos,
+                                                                 block * ratio)
+  probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
+  vv = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2).astype(jnp.float32)
+  out = jnp.einsum("bhns,bshd->bnhd", probs, vv)
+  return out.astype(q.dtype), probs

@@ -269,18 +269,21 @@ def embed(cfg: MllmConfig, params: dict, input_ids: jax.Array,
 def decode(cfg: MllmConfig, params: dict, embeds: jax.Array,
            attention_mask: jax.Array | None, capture: Capture = Capture(),
            visual_pos: jax.Array | None = None, cache: dict | None = None,
-           lora: Lora | None = None) -> tuple[jax.Array, dict]:
+           lora: Lora | None = None,
+           attn_override: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Decoder stack -> hidden [B, L, D] after the final norm, inter.
 
   inter["visual_attn"]: f32 [len(capture.layers), B, Nv, Nv] (needs visual_pos int [B, Nv]).
   inter["full_attn"]: f32 [K, B, H, L, L] per-head maps when capture.full_attn.
   inter["cache"]: the updated KV cache when `cache` is given (see cdx/models/qwen.py).
   lora: LoRA factors applied factored (module docstring).
+  attn_override: f32 [len(capture.override), B, Nv, Nv], the visual attention the layers
+  of capture.override use instead of their own (cdx/models/qwen.py `Capture`).
   """
   factors, scale = (None, 1.0) if lora is None else (lora.factors, lora.scale)
   variables = {"params": params["llm"], **_lora_variables(factors)}
   return _decoder(cfg, capture, scale).apply(variables, embeds, attention_mask, visual_pos,
-                                             cache)
+                                             cache, attn_override)
 
 
 def lm_head_kernel(cfg: MllmConfig, params: dict) -> jax.Array:

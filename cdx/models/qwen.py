@@ -6,7 +6,8 @@ grouped-query attention (num_kv_heads <= num_heads), tied or untied LM head.
 `Decoder` works on embeddings so the MLLM can splice image features in first:
   embed_tokens(ids int [B, L]) -> [B, L, D] (compute dtype)
   __call__(embeds [B, L, D], attention_mask int [B, L], visual_pos int [B, Nv] | None,
-           cache | None) -> hidden [B, L, D] after the final norm, inter dict
+           cache | None, attn_override | None) -> hidden [B, L, D] after the final
+           norm, inter dict (attn_override: see `Capture.override`)
   logits(hidden) -> float32 [B, L, V]
   lm(ids, attention_mask, cache) -> (logits, inter): the three above chained
 
@@ -136,12 +137,19 @@ class Capture:
     f32 [len(layers), B, Nv, Nv] in this order (needs the visual positions).
   full_attn: also their per-head maps inter["full_attn"] f32 [K, B, H, L, L] (diagnostic,
     and the official formulation's memory layout).
+  override: layers whose visual attention is replaced (the inference-time intervention of
+    cdx/analysis/diagnostics.py): the call then takes attn_override f32 [len(override),
+    B, Nv, Nv], the head-averaged visual block each of these layers uses instead of its
+    own (`attention.override_visual` says how rows are renormalized). Unrolled layers
+    only, no KV cache.
   """
   layers: tuple[int, ...] = ()
   full_attn: bool = False
+  override: tuple[int, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+    object.__setattr__(self, "override", tuple(int(l) for l in self.override))
 
   def extras(self, layer: int) -> tuple[str, ...]:
     """Names of what layer `layer` records ("visual_attn", "full_attn"); () if nothing."""
@@ -228,7 +236,7 @@ class _Attention(nn.Module):
   capture: tuple[str, ...] = ()  # Capture.extras of this layer
 
   @nn.compact
-  def __call__(self, x, positions, mask, visual_pos, kv, when=None):
+  def __call__(self, x, positions, mask, visual_pos, kv, when=None, override=None):
     cfg = self.cfg
     b, t, _ = x.shape
     proj = lambda n, heads, bias: Linear(heads * cfg.head_dim, bias, self.num, name=n)(
@@ -245,6 +253,9 @@ class _Attention(nn.Module):
       new_kv = (cache_k, cache_v)
       k, v = cache_k.astype(self.num.dtype), cache_v.astype(self.num.dtype)
     out = attention.attend(q, k, v, mask)
+    if override is not None:  # The intervention: new visual rows (Capture.override).
+      vis_out, _ = attention.override_visual(q, k, v, mask, visual_pos, override)
+      out = jax.vmap(lambda o, p, new: o.at[p].set(new))(out, visual_pos, vis_out)
     extras = {}
     if "visual_attn" in self.capture:
       extras["visual_attn"] = _only_when(
@@ -274,11 +285,11 @@ class DecoderLayer(nn.Module):
   capture: tuple[str, ...] = ()  # Capture.extras of this layer
 
   @nn.compact
-  def __call__(self, x, positions, mask, visual_pos, kv, when=None):
+  def __call__(self, x, positions, mask, visual_pos, kv, when=None, override=None):
     norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.num.dtype, self.num.param_dtype,
                                 name=name)
     h, extras, new_kv = _Attention(self.cfg, self.num, self.capture, name="attn")(
-        norm("input_norm")(x), positions, mask, visual_pos, kv, when)
+        norm("input_norm")(x), positions, mask, visual_pos, kv, when, override)
     x = x + h
     x = x + _Mlp(self.cfg, self.num, name="mlp")(norm("post_norm")(x))
     return x, extras, new_kv
@@ -330,6 +341,22 @@ class Decoder(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, False, Numerics(self.dtype, self.param_dtype))
 
+  def _check_override(self, attn_override, visual_pos, cache):
+    over = self.capture.override
+    if not over and attn_override is None:
+      return
+    bad = [i for i in over if not 0 <= i < self.cfg.num_layers]
+    if bad:
+      raise ValueError(f"Capture.override layers {bad} out of range for "
+                       f"{self.cfg.num_layers} layers.")
+    if attn_override is None or attn_override.shape[0] != len(over):
+      got = None if attn_override is None else tuple(attn_override.shape)
+      raise ValueError(f"Capture.override={over} needs attn_override [{len(over)}, B, Nv, "
+                       f"Nv]; got {got}.")
+    if visual_pos is None or cache is not None or self.scan_layers:
+      raise ValueError("the attention override needs visual_pos, no KV cache and "
+                       "unrolled layers (scan_layers=False; see mllm.unscanned).")
+
   def _policy(self):
     return getattr(jax.checkpoint_policies, self.remat)
 
@@ -367,12 +394,14 @@ class Decoder(nn.Module):
       self.lm_head(hidden)
     return self.logits(hidden)
 
-  def _unrolled(self, x, positions, mask, visual_pos, cache):
+  def _unrolled(self, x, positions, mask, visual_pos, cache, attn_override=None):
     """-> x, {name: [K, ...] in capture.layers order} of the captured extras, new (k, v)."""
     extras, new_k, new_v = {}, [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
-      x, layer_extras, layer_kv = layer(x, positions, mask, visual_pos, kv)
+      over = (attn_override[self.capture.override.index(i)]
+              if i in self.capture.override else None)
+      x, layer_extras, layer_kv = layer(x, positions, mask, visual_pos, kv, None, over)
       for name, value in layer_extras.items():
         extras.setdefault(name, {})[i] = value
       if layer_kv is not None:
@@ -403,8 +432,10 @@ class Decoder(nn.Module):
     x, (extras, new_kv) = jax.lax.scan(body, x, (self.layers, lora, flags, *kv_in))
     return x, extras, new_kv
 
-  def __call__(self, embeds, attention_mask=None, visual_pos=None, cache=None):
+  def __call__(self, embeds, attention_mask=None, visual_pos=None, cache=None,
+               attn_override=None):
     b, t, _ = embeds.shape
+    self._check_override(attn_override, visual_pos, cache)
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     if self.capture.layers and visual_pos is None:
@@ -421,7 +452,8 @@ class Decoder(nn.Module):
       new_lengths = start + attention_mask.astype(jnp.int32).sum(-1)
       slots = jnp.arange(cache["k"].shape[2])[None, None, :]
       mask = (slots <= positions[:, :, None]) & (slots < new_lengths[:, None, None])
-    run = self._scanned if self.scan_layers else self._unrolled
+    run = (self._scanned if self.scan_layers else
+           lambda *a: self._unrolled(*a, attn_override=attn_override))
     x, extras, new_kv = run(embeds.astype(self.dtype), positions, mask, visual_pos, cache)
     if self.scan_layers:  # One slot per layer: keep the captured ones, in the asked order.
       extras = {name: value[jnp.asarray(self.capture.layers, jnp.int32)]
