@@ -13,7 +13,7 @@ Per benchmark, OUT/<benchmark>/ gets (docs/EVALUATION.md, "Diagnostics"):
   intervention.json / .md        CR benchmarks (a likelihood protocol): accuracy with the
                                  student's visual attention in --layers (default: its
                                  matched band) replaced by the teacher-student average
-                                 and by the teacher's (cdx/analysis/diagnostics.py)
+                                 and by the teacher's (cdx/eval/diagnostics.py)
   heatmaps.png                   attention of the prompt's last token over the first
                                  --heatmaps images: teacher and students side by side
 
@@ -76,8 +76,8 @@ def _matrix_markdown(name: str, sim: dict) -> list[str]:
 
 
 def analyze(args, benchmark: str, dataset, teacher, students: dict, out_dir: str) -> list:
-  from cdx.analysis import diagnostics
-  from cdx.analysis import plots
+  from cdx.eval import diagnostics
+  from cdx.eval import plots
   os.makedirs(out_dir, exist_ok=True)
   items = dataset.items[:args.limit] if args.limit else dataset.items
   units = diagnostics.units_of(items)

@@ -1,6 +1,6 @@
 """launch/analyze.py on the tiny chain (teacher `finetune`, students `dft` and
 `pretrain_student`): the similarity table, the bins, the intervention result and the PNGs;
-plus the pure pieces of cdx/analysis/diagnostics.py."""
+plus the pure pieces of cdx/eval/diagnostics.py."""
 import json
 import os
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdx.analysis import diagnostics
+from cdx.eval import diagnostics
 from tests import launcher
 
 

@@ -138,7 +138,7 @@ class Capture:
   full_attn: also their per-head maps inter["full_attn"] f32 [K, B, H, L, L] (diagnostic,
     and the official formulation's memory layout).
   override: layers whose visual attention is replaced (the inference-time intervention of
-    cdx/analysis/diagnostics.py): the call then takes attn_override f32 [len(override),
+    cdx/eval/diagnostics.py): the call then takes attn_override f32 [len(override),
     B, Nv, Nv], the head-averaged visual block each of these layers uses instead of its
     own (`attention.override_visual` says how rows are renormalized). Unrolled layers
     only, no KV cache.

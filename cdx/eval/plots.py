@@ -1,4 +1,4 @@
-"""PNG figures of the diagnostics (cdx/analysis/diagnostics.py), drawn with matplotlib's
+"""PNG figures of the diagnostics (cdx/eval/diagnostics.py), drawn with matplotlib's
 Agg backend (no display needed). Every function writes one file and returns its path.
 
   similarity_figure({student: [Ls, Lt]}, path, bands)   layer-pair cosine heatmaps
