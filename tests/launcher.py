@@ -19,7 +19,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.total_steps=2", "--upstream.total_steps=2",
          "--config.data.synthetic_train=64", "--upstream.data.synthetic_train=64",
-         "--config.log.progress=False", "--upstream.log.progress=False"]
+         "--config.log.progress=False", "--upstream.log.progress=False",
+         # A random frozen vision tower: the pretrained one costs ~2 min once.
+         "--config.vision_pretrain.steps=0", "--upstream.vision_pretrain.steps=0"]
 
 
 @contextlib.contextmanager
