@@ -101,10 +101,11 @@ def train(stage: str, workdir: str, common: list[str]) -> str:
 
 # ------------------------------------------------------------------------------ scoring
 
-def evaluate(model_dir: str, data: str, cr_limit: int, gen_limit: int, batch_size: int,
-             generate: bool = True) -> dict:
-  """CR by likelihood (per-item scores) and the generative check of one model; cached in
-  model_dir/miniature_eval.json (or miniature_eval_blind.json for a grey-image copy)."""
+def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit: int,
+             batch_size: int, generate: bool = True) -> dict:
+  """CR by likelihood (per-item scores) and the generative check of one model on the eval
+  sets of `data`; cached in model_dir/miniature_eval.json (miniature_eval_blind.json for a
+  grey-image copy, a folder ending in _blind)."""
   from cdx.eval import benchmarks, protocols
   from cdx.eval import run as eval_run
   settings = {"data": os.path.abspath(data), "cr_limit": cr_limit, "gen_limit": gen_limit,
@@ -118,7 +119,7 @@ def evaluate(model_dir: str, data: str, cr_limit: int, gen_limit: int, batch_siz
     if old.get("settings") == settings:
       return old
   t0 = time.time()
-  model = eval_run.load_model(model_dir, data_dir=data)
+  model = eval_run.load_model(model_dir, tokenizer=tokenizer)
   logprob = eval_run.make_logprob(model, batch_size)
   out = {"settings": settings, "cr": {}, "items": {}}
   for split, sub in eval_run.SPLITS.items():
@@ -392,13 +393,15 @@ def main(argv=None) -> int:
   work = os.path.abspath(args.workdir)
   teacher_dir = os.path.join(work, "teacher")
   data = os.path.join(teacher_dir, "data")
-  score = lambda d, gen=True: evaluate(d, data, cr_limit, gen_limit, args.batch_size, gen)
+  tokenizer = os.path.join(data, "tokenizer")
+  score = lambda d, gen=True: evaluate(d, data, tokenizer, cr_limit, gen_limit,
+                                       args.batch_size, gen)
 
   # The teacher chain, once; the blind copy of the eval sets; the baselines without a model.
   teacher = score(train("finetune", teacher_dir, common))
   blind_data = baselines.blind_export(data, data + "_blind")
-  blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, cr_limit, gen_limit,
-                   args.batch_size)
+  blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, tokenizer, cr_limit,
+                   gen_limit, args.batch_size)
   text_only = baselines.synthetic_text_baselines(data)
   seed_dir = lambda s: os.path.join(work, f"seed{s}" + (f"-{args.tag}" if args.tag else ""))
   seed_args = lambda s: [f"--config.seed={s}", f"--upstream.seed={s}"] + [
