@@ -125,3 +125,37 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
                          env=launcher.subprocess_env())
   assert again.returncode == 0, again.stderr[-4000:]
   assert "already finished" in again.stdout
+
+
+# ------------------------------------------------------------- the tiny preset's tower
+
+@pytest.mark.slow  # Trains the tiny tower for 2 steps (~30 s on 2 busy cores).
+def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
+  import jax
+  import ml_collections
+  from cdx.models import mllm
+  from cdx.train import setup
+  from configs import common
+  model_cfg = mllm.make_config(common.TINY_VISION, common.TINY_STUDENT, image_token_id=3,
+                               pad_token_id=2, eos_token_id=1)
+  cfg = ml_collections.ConfigDict(dict(
+      seed=5, data=dict(world_seed=0, synthetic=True),
+      vision_pretrain=dict(common.vision_pretrain("tiny").to_dict(), steps=2, batch_size=4)))
+  pretrained = setup._shared_vision(model_cfg, cfg, str(tmp_path))
+  random = mllm.init_params(model_cfg, jax.random.key(0))["vision"]
+  assert jax.tree.structure(pretrained) == jax.tree.structure(random)
+  assert [a.shape for a in jax.tree.leaves(pretrained)] == [
+      a.shape for a in jax.tree.leaves(random)]
+  cached = os.listdir(tmp_path / "vision")
+  assert any(f.endswith(".msgpack") for f in cached)
+  # The teacher's call (another model seed) loads the same tower from the cache.
+  cfg.seed = 6
+  again = setup._shared_vision(model_cfg, cfg, str(tmp_path))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pretrained),
+                                                  jax.tree.leaves(again)))
+  # steps=0 or non-synthetic data: the random tower, no training.
+  cfg.vision_pretrain.steps = 0
+  rand = setup._shared_vision(model_cfg, cfg, str(tmp_path / "other"))
+  assert not os.path.exists(tmp_path / "other")
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pretrained),
+                                                      jax.tree.leaves(rand)))
