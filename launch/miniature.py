@@ -431,9 +431,14 @@ def main(argv=None) -> int:
 
   if "compodistill" in rows:  # The attention term's share of the gradient at DFT start.
     train("dpt", seed_dir(seeds[0]), common + seed_args(seeds[0]))
-    meta["attention_share"] = attention_share(seed_dir(seeds[0]),
-                                              common + seed_args(seeds[0]),
-                                              args.share_batches)
+    cache = os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json")
+    if not os.path.isfile(cache):
+      share = attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]),
+                              args.share_batches)
+      with open(cache, "w") as f:
+        json.dump(share, f)
+    with open(cache) as f:
+      meta["attention_share"] = json.load(f)
     print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
 
   evals = {"teacher": [teacher]}

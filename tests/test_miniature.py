@@ -96,7 +96,7 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   with launcher.compile_cache_env(tmp_path_factory):
     out = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
                           f"--workdir={work}", "--seeds=0,1"], cwd=launcher.ROOT,
-                         capture_output=True, text=True, timeout=900,
+                         capture_output=True, text=True, timeout=2400,
                          env=launcher.subprocess_env())
   assert out.returncode == 0, out.stderr[-4000:]
   with open(work / "miniature.json") as f:
@@ -121,7 +121,7 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   # Resumable: a second run trains nothing and reuses every score.
   again = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
                           f"--workdir={work}", "--seeds=0,1"], cwd=launcher.ROOT,
-                         capture_output=True, text=True, timeout=900,
+                         capture_output=True, text=True, timeout=2400,
                          env=launcher.subprocess_env())
   assert again.returncode == 0, again.stderr[-4000:]
   assert "already finished" in again.stdout
