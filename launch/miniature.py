@@ -43,9 +43,9 @@ student rows are retrained with the overrides), e.g.
   --student_override=layers.student_layers=0,1 \
       --student_override=layers.teacher_groups=0,1 --tag=early  (the default is the middle)
 
-Writes DIR/miniature[-TAG].json, DIR/miniature[-TAG].md and DIR/plots[-TAG]/*.png. `--quick` runs every row
-for 2 steps on 64 samples with a random tower and a few items: it checks the pipeline and
-says nothing about the method.
+Writes DIR/miniature[-TAG].json, DIR/miniature[-TAG].md and DIR/plots[-TAG]/*.png.
+`--quick` runs every row for 2 steps on 64 samples with a random tower and 20 CR items per
+subset (3 scored): it checks the pipeline and says nothing about the method.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ COMPARE = [("teacher", "sft"), ("kd", "sft"), ("taf", "kd"), ("vat", "kd"),
            ("compodistill", "sft")]
 QUICK = ["--config.total_steps=2", "--upstream.total_steps=2",
          "--config.data.synthetic_train=64", "--upstream.data.synthetic_train=64",
-         "--config.vision_pretrain.steps=0", "--upstream.vision_pretrain.steps=0"]
+         "--config.vision_pretrain.steps=0", "--upstream.vision_pretrain.steps=0",
+         "--config.data.num_cr=20", "--upstream.data.num_cr=20"]
 
 
 # ----------------------------------------------------------------------------- training
