@@ -7,7 +7,7 @@ distillation stages (dpt*, dft*) also read the teacher, `finetune/`:
   pretrain_student ─► finetune_student              the "SFT 2B" baseline
   (pretrain_student, tiny only) ─► dpt ─► dft ─► sft                  CompoDistill
                                    dpt ─► dft_novat ─► sft_novat      +TAF only (no VAT)
-  (pretrain_student) ─► dpt_kd ─► dft_kd ─► sft_kd                    KD only (no TAF, VAT)
+  (pretrain_student) ─► dpt_kd ─► dft_kd ─► sft_kd                    KD only (no TAF/VAT)
                         dpt_kd ─► dft_vat ─► sft_vat                  +VAT only (no TAF)
 
 A stage is one recipe file in configs/ plus its row below. The launcher resolves upstream

@@ -285,7 +285,8 @@ def summarize(evals: dict, text_only: dict, blind: dict, rounds: int) -> dict:
 
 def markdown(summary: dict, meta: dict) -> str:
   pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
-  lines = [f"# Miniature results{' (SMOKE RUN: --quick, says nothing about the method)' if meta['quick'] else ''}",
+  smoke = " (SMOKE RUN: --quick, says nothing about the method)" if meta["quick"] else ""
+  lines = [f"# Miniature results{smoke}",
            "", f"Command: `{meta['command']}`  ", f"Wall time: {meta['wall_s']:.0f} s; "
            f"items per row: {summary['items']} (CR, both splits); seeds: {meta['seeds']}", "",
            "| row | seeds | CR (lik., all) | CR seen | CR held-out | SE items | gen CR seen "
