@@ -44,9 +44,9 @@ TINY_VOCAB = 1024  # The synthetic tokenizer's size: fits both tiny models.
 TINY_DFT_STEPS = 250
 TINY_SFT_STEPS = 100
 # The attention term's weight on the tiny preset. The paper's weight is 1 (the `paper`
-# preset keeps it); on the tiny models the term's gradient at weight 1 is ~1e-3 of the
+# preset keeps it); on the tiny models the term's gradient at weight 1 is ~6.5e-4 of the
 # LM + KD gradient (`cdx.analysis.gradients`, docs/RESULTS.md "Attention weight"), so it
-# barely acts; 300 makes it ~0.3 of it. Set once from that measurement, not from results.
+# barely acts; 300 makes it ~0.2 of it. Set once from that measurement, not from results.
 TINY_ATTN_WEIGHT = 300.0
 
 PAPER_VISION = "so400m-patch14-384"
