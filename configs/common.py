@@ -38,6 +38,17 @@ TINY_STUDENT = dict(vocab_size=1024, hidden_size=64, num_layers=6, num_heads=4,
                     tie_embeddings=True)
 TINY_VOCAB = 1024  # The synthetic tokenizer's size: fits both tiny models.
 
+# Tiny instruction steps of the distillation chain. Every student row of the miniature
+# (launch/miniature.py) gets DFT + SFT = TINY_DFT_STEPS + TINY_SFT_STEPS instruction steps:
+# the SFT baseline (finetune_student) as one stage, the distilled rows as two.
+TINY_DFT_STEPS = 250
+TINY_SFT_STEPS = 100
+# The attention term's weight on the tiny preset. The paper's weight is 1 (the `paper`
+# preset keeps it); on the tiny models the term's gradient at weight 1 is ~6.5e-4 of the
+# LM + KD gradient (`cdx.analysis.gradients`, docs/RESULTS.md "Attention weight"), so it
+# barely acts; 300 makes it ~0.2 of it. Set once from that measurement, not from results.
+TINY_ATTN_WEIGHT = 300.0
+
 PAPER_VISION = "so400m-patch14-384"
 PAPER_TEACHER = "qwen1.5-4b"
 PAPER_STUDENT = "qwen1.5-1.8b"
@@ -136,10 +147,24 @@ def data(preset: str, kind: str) -> ml_collections.ConfigDict:
       shuffle=True,
       synthetic=tiny,  # Generate the synthetic world into <workdir>/data when missing.
       synthetic_train=4000,
+      # The world's own seed: the same world whatever the training seed (c.seed).
+      world_seed=0,
+      num_cr=500,  # Items per SugarCrepe-style subset (binomial SE <= 0.022 each).
+      format_frac=0.3,  # Share of instruction turns in the two-choice / yes-no formats.
   ))
   if tiny:
     c.train = f"{kind}.json"
   return c
+
+
+def vision_pretrain(preset: str) -> ml_collections.ConfigDict:
+  """The tiny presets' shared frozen vision tower, pretrained once per world
+  (cdx/train/vision_pretrain.py, cached in <workdir>/vision; ~2 min once on 2 cores):
+  steps=0 keeps a random tower (fast tests), as does data.synthetic=False. Real presets
+  load a pretrained SigLIP and ignore this block."""
+  return ml_collections.ConfigDict(dict(
+      steps=1600 if preset == "tiny" else 0, seed=0, batch_size=24, lr=5e-3,
+      dense_weight=2.0))
 
 
 def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
@@ -156,14 +181,15 @@ def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
     taf: the student keeps the teacher's adapter and learns a post-connector.
     init: folder of the stage whose output this one starts from ("" = base weights).
     paper, tiny: per preset `lr`, `batch_size` (global samples per step) and either
-      `max_length` (paper; one epoch) or `total_steps` (tiny; 192 tokens).
+      `max_length` (paper; one epoch) or `total_steps` (tiny; 256 tokens: 5.5 % of the
+      synthetic instruction records exceed 192).
     trainable: base-param patterns that train; LoRA factors always do.
     lora_targets: LoRA on these params (() = no LoRA); full_finetune: the whole LLM instead.
     loss_weights: lm, kd, attn.
     data_kind: pretrain (captions) | instruct.
   """
   is_tiny = preset == "tiny"
-  hp = dict(total_steps=-1, max_length=192) | (tiny if is_tiny else paper)
+  hp = dict(total_steps=-1, max_length=256) | (tiny if is_tiny else paper)
   c = ml_collections.ConfigDict()
   c.stage = name
   c.preset = preset
@@ -192,6 +218,7 @@ def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
   c.loss = loss(preset, **loss_weights)
   c.layers = layers()
   c.data = data(preset, data_kind)
+  c.vision_pretrain = vision_pretrain(preset)
 
   # Hardware.
   # Sizes of the mesh axes, and which of them each logical param axis shards over.

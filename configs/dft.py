@@ -18,9 +18,10 @@ def get_config(arg=None):
       model_of="student", teacher="finetune", taf=True,
       init="dpt",
       paper=dict(lr=2e-4, batch_size=128, max_length=1536),
-      tiny=dict(lr=1e-3, batch_size=16, total_steps=250),
+      tiny=dict(lr=1e-3, batch_size=16, total_steps=common.TINY_DFT_STEPS),
       trainable=(r"post/.*",),
       lora_targets=common.LLM_LINEARS, full_finetune=tiny,
-      loss_weights=dict(lm=1.0, kd=1.0, attn=1.0),
+      # The paper's attention weight is 1; the tiny models need more (configs/common.py).
+      loss_weights=dict(lm=1.0, kd=1.0, attn=common.TINY_ATTN_WEIGHT if tiny else 1.0),
       data_kind="instruct",
   )

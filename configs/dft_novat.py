@@ -1,4 +1,4 @@
-"""DFT without the visual-attention term: the miniature's no-VAT ablation (folder `dft_novat/`).
+"""DFT without the visual-attention term (folder `dft_novat/`): the miniature's +TAF-only row.
 
   python launch/run.py --config=configs/dft_novat.py[:PRESET] --workdir=DIR
 """

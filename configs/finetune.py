@@ -20,7 +20,9 @@ def get_config(arg=None):
       model_of=role,
       init="pretrain" if role == "teacher" else "pretrain_student",
       paper=dict(lr=2e-4, batch_size=128, max_length=2048),
-      tiny=dict(lr=1e-3, batch_size=16, total_steps=120),
+      # The SFT baseline is step-matched to the distilled students (DFT + SFT steps).
+      tiny=dict(lr=1e-3, batch_size=16, total_steps=120 if role == "teacher" else
+                common.TINY_DFT_STEPS + common.TINY_SFT_STEPS),
       trainable=(r"adapter/.*",),
       lora_targets=common.LLM_LINEARS, full_finetune=tiny,
       loss_weights=dict(lm=1.0, kd=0.0, attn=0.0),

@@ -1,12 +1,14 @@
 """The stage registry: every stage folder under --workdir and the config that builds it.
 
 The stage graph (docs/METHOD.md §7). An arrow carries a stage's trained parts on; the
-distillation stages (dpt, dft and the no-VAT dft) also read the teacher, `finetune/`:
+distillation stages (dpt*, dft*) also read the teacher, `finetune/`:
 
   pretrain ─► finetune                              the teacher
   pretrain_student ─► finetune_student              the "SFT 2B" baseline
   (pretrain_student, tiny only) ─► dpt ─► dft ─► sft                  CompoDistill
-                                   dpt ─► dft_novat ─► sft_novat      without attention
+                                   dpt ─► dft_novat ─► sft_novat      +TAF only (no VAT)
+  (pretrain_student) ─► dpt_kd ─► dft_kd ─► sft_kd                    KD only (no TAF/VAT)
+                        dpt_kd ─► dft_vat ─► sft_vat                  +VAT only (no TAF)
 
 A stage is one recipe file in configs/ plus its row below. The launcher resolves upstream
 folders with `config_spec`; cdx/train/stages.py plans with the resolver it is given.
@@ -26,6 +28,11 @@ STAGES = {
     "sft": ("sft", ""),
     "dft_novat": ("dft_novat", ""),
     "sft_novat": ("sft_novat", ""),
+    "dpt_kd": ("dpt_kd", ""),
+    "dft_kd": ("dft_kd", ""),
+    "sft_kd": ("sft_kd", ""),
+    "dft_vat": ("dft_vat", ""),
+    "sft_vat": ("sft_vat", ""),
 }
 
 

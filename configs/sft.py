@@ -17,7 +17,7 @@ def get_config(arg=None):
       model_of="student", taf=True,
       init="dft",
       paper=dict(lr=2e-4, batch_size=192, max_length=1536),
-      tiny=dict(lr=1e-3, batch_size=16, total_steps=100),
+      tiny=dict(lr=1e-3, batch_size=16, total_steps=common.TINY_SFT_STEPS),
       trainable=(r"post/.*",),
       lora_targets=common.LLM_LINEARS, full_finetune=tiny,
       loss_weights=dict(lm=1.0, kd=0.0, attn=0.0),

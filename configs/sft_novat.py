@@ -1,4 +1,4 @@
-"""SFT on top of `dft_novat/`: the final model of the miniature's no-VAT arm (`sft_novat/`).
+"""SFT on top of `dft_novat/`: the final model of the miniature's +TAF-only row (`sft_novat/`).
 
   python launch/run.py --config=configs/sft_novat.py[:PRESET] --workdir=DIR
 """

@@ -1,24 +1,51 @@
-"""The paper's experiment in miniature: SFT baseline vs CompoDistill (and its ablations).
+"""The paper's experiment in miniature: the teacher, the SFT student, KD, +TAF, +VAT and
+CompoDistill on the synthetic world, several seeds, with a gate, baselines and statistics.
 
-  python launch/miniature.py --workdir=DIR [--arms=baseline,compodistill,no_vat]
-                             [--eval_limit=100] [--steps=N]
+  python launch/miniature.py [--workdir=workdir_miniature] [--seeds=0,1,2] [--rows=...]
+                             [--cr_limit=500] [--gen_limit=50] [--quick]
 
-On the tiny preset (synthetic world, CPU), every arm shares the teacher chain
-(pretrain -> finetune) and the student's stage 0 (pretrain_student), then:
+Rows (configs/registry.py builds each final stage folder with its upstream stages):
+  teacher       pretrain -> finetune                              LM only, the larger model
+  sft           pretrain_student -> finetune_student              LM only ("SFT" row)
+  kd            pretrain_student -> dpt_kd -> dft_kd -> sft_kd    LM + logit KD, own adapter
+                                                                  (LLaVA-KD style)
+  taf           pretrain_student -> dpt -> dft_novat -> sft_novat  + TAF, no attention term
+  vat           pretrain_student -> dpt_kd -> dft_vat -> sft_vat  + attention term, no TAF
+  compodistill  pretrain_student -> dpt -> dft -> sft             TAF + VAT (the method)
+Every student row gets the same instruction steps (configs/common.py TINY_DFT_STEPS +
+TINY_SFT_STEPS) and the same stage 0; the distilled rows add DPT's caption steps (its KD
+needs a teacher, so the SFT row has none).
 
-  baseline       finetune_student                   LM only (the paper's "SFT" row)
-  compodistill   dpt -> dft -> sft                  LM + KD + attention (the full method)
-  no_vat         dpt -> dft_novat -> sft_novat      DFT without the attention term
-  teacher        (the finetuned teacher itself)
+Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
+teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
+stages (`--config.seed=S`: init, data order, dropout-free noise; the world's seed is
+data.world_seed, unchanged) with links to the shared folders. Everything is resumable:
+finished stages (DONE) and scored models (miniature_eval.json) are reused.
 
-An arm is the stage folder of its final model (`ARMS`); a new arm that varies a stage is a
-variant recipe in configs/ (e.g. configs/dft_novat.py) plus its rows in configs/registry.py
-and `ARMS`.
+The GATE runs before any student row but the first seed's SFT student: the teacher's seen
+VQA >= 0.85, its VQA on images >= 0.4 above its VQA on grey images (the blind row), and its
+CR >= 0.10 above the step-matched SFT student's. A failed gate stops the run (exit 3) and
+says which check failed; `--quick` reports it without stopping.
 
-Each arm's final model is scored by `cdx.eval.run` on the synthetic SugarCrepe-style,
-VQA and Winoground-style sets, seen and held-out combinations. The table goes to stdout and
-DIR/miniature.json. `--steps` shortens every stage (a smoke run); results from such a run
-say nothing about the method.
+Scoring (docs/RESULTS.md, "Statistics"): CR by likelihood (the likelier of " A" / " B" to
+the two-choice question, both orders; per item the mean of the orders) on `--cr_limit`
+items per subset and split is the headline; generation on `--gen_limit` items checks it
+(unparsed rate, per-order accuracy) and scores VQA. Rows are mean ± std over seeds; paired
+bootstrap intervals over items (scores averaged over seeds) between rows; the gap closure
+(compodistill - kd) / (teacher - kd). The text-only row is the best text heuristic
+(`cdx.eval.baselines`); the blind row is the teacher on grey images.
+
+Ablations are overrides of every student stage, in their own seed folders and outputs
+(the world, the teacher and the gate's SFT student of the main run are reused; the
+student rows are retrained with the overrides), e.g.
+  --student_override=loss.attn_variant=mse --tag=mse          (cosine | mse | kl)
+  --student_override=layers.strategy=simple --tag=simple      (group | simple | adaptive)
+  --student_override=layers.student_layers=0,1 \
+      --student_override=layers.teacher_groups=0,1 --tag=early  (the default is the middle)
+
+Writes DIR/miniature[-TAG].json, DIR/miniature[-TAG].md and DIR/plots[-TAG]/*.png.
+`--quick` runs every row for 2 steps on 64 samples with a random tower and 20 CR items per
+subset (3 scored): it checks the pipeline and says nothing about the method.
 """
 from __future__ import annotations
 
@@ -26,69 +53,421 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import registry  # noqa: E402
 from launch import run  # noqa: E402
 
-# arm -> the stage folder holding its final model. Each is built with its upstream stages
-# (configs/registry.py says which config builds which folder); shared ones are built once.
-ARMS = {
+ROWS = {  # row -> the stage folder of its final model
     "teacher": "finetune",
-    "baseline": "finetune_student",
+    "sft": "finetune_student",
+    "kd": "sft_kd",
+    "taf": "sft_novat",
+    "vat": "sft_vat",
     "compodistill": "sft",
-    "no_vat": "sft_novat",
 }
+STUDENTS = [r for r in ROWS if r != "teacher"]
+SHARED = ("data", "vision", "pretrain", "finetune")  # linked into every seed's workdir
+GATE = {"teacher_vqa": 0.85, "image_worth": 0.40, "cr_lead": 0.10}
+COMPARE = [("teacher", "sft"), ("kd", "sft"), ("taf", "kd"), ("vat", "kd"),
+           ("compodistill", "kd"), ("compodistill", "taf"), ("compodistill", "vat"),
+           ("compodistill", "sft")]
+QUICK = ["--config.total_steps=2", "--upstream.total_steps=2",
+         "--config.data.synthetic_train=64", "--upstream.data.synthetic_train=64",
+         "--config.vision_pretrain.steps=0", "--upstream.vision_pretrain.steps=0",
+         "--config.data.num_cr=20", "--upstream.data.num_cr=20"]
 
 
-def train_arm(arm: str, workdir: str, common: list[str]) -> str:
-  final = ARMS[arm]
-  config = registry.config_spec(final, "tiny")  # Tiny runs build their missing upstream.
+# ----------------------------------------------------------------------------- training
+
+def _link_shared(teacher_dir: str, seed_dir: str) -> None:
+  os.makedirs(seed_dir, exist_ok=True)
+  for name in SHARED:
+    link = os.path.join(seed_dir, name)
+    if not os.path.lexists(link):
+      os.symlink(os.path.relpath(os.path.join(teacher_dir, name), seed_dir), link)
+
+
+def train(stage: str, workdir: str, common: list[str]) -> str:
+  """Builds stage folder `stage` (and its missing upstream) in workdir; returns its path."""
+  config = registry.config_spec(stage, "tiny")
+  t0 = time.time()
   if run.main([f"--config={config}", f"--workdir={workdir}", *common]) != 0:
-    raise SystemExit(f"arm {arm}: {config} failed")
-  return os.path.join(workdir, final)
+    raise SystemExit(f"{config} in {workdir} failed (see above).")
+  print(f"[miniature] {workdir}/{stage} ready ({time.time() - t0:.0f} s)", flush=True)
+  return os.path.join(workdir, stage)
 
+
+# ------------------------------------------------------------------------------ scoring
+
+def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit: int,
+             batch_size: int, generate: bool = True) -> dict:
+  """CR by likelihood (per-item scores) and the generative check of one model on the eval
+  sets of `data`; cached in model_dir/miniature_eval.json (miniature_eval_blind.json for a
+  grey-image copy, a folder ending in _blind)."""
+  from cdx.eval import benchmarks, protocols
+  from cdx.eval import run as eval_run
+  settings = {"data": os.path.abspath(data), "cr_limit": cr_limit, "gen_limit": gen_limit,
+              "generate": generate}
+  name = "miniature_eval_blind.json" if data.rstrip("/").endswith("_blind") else (
+      "miniature_eval.json")
+  cache = os.path.join(model_dir, name)
+  if os.path.isfile(cache):
+    with open(cache) as f:
+      old = json.load(f)
+    if old.get("settings") == settings:
+      return old
+  t0 = time.time()
+  model = eval_run.load_model(model_dir, tokenizer=tokenizer)
+  logprob = eval_run.make_logprob(model, batch_size)
+  out = {"settings": settings, "cr": {}, "items": {}}
+  for split, sub in eval_run.SPLITS.items():
+    sets = benchmarks.read_synthetic(os.path.join(data, sub), root=data)
+    items = [it for subset in sorted(sets["sugarcrepe"])
+             for it in sets["sugarcrepe"][subset][:cr_limit]]
+    r = protocols.tasks("synthetic_sugarcrepe")["likelihood"].evaluate(items, logprob)
+    per_item: dict[str, list] = {}
+    for rec in r["records"]:
+      per_item.setdefault(f"{split}/{rec['subset']}/{rec['id']}", []).append(rec["correct"])
+    out["items"].update({k: sum(v) / len(v) for k, v in per_item.items()})
+    out["cr"][split] = {"overall": r["overall"], "subsets": r["subsets"],
+                        "by_order": r["by_order"], "n": len(items)}
+  if generate:
+    g = eval_run.evaluate_synthetic(model, data, limit=gen_limit, batch_size=batch_size)
+    out["generate"] = {}
+    for split in eval_run.SPLITS:
+      if split not in g:
+        continue
+      sc = g["details"][split]["sugarcrepe"]
+      prompts = 2 * sum(min(gen_limit, len(v)) for v in benchmarks.read_synthetic(
+          os.path.join(data, eval_run.SPLITS[split]), root=data)["sugarcrepe"].values())
+      out["generate"][split] = {
+          "cr": g[split]["sugarcrepe"]["overall"], "unparsed_rate": sc["unparsed"] / prompts,
+          "by_order": sc["by_order"], "vqa": g[split]["vqa"]["accuracy"],
+          "winoground_group": g[split].get("winoground", {}).get("group")}
+  out["seconds"] = round(time.time() - t0, 1)
+  with open(cache + ".tmp", "w") as f:
+    json.dump(out, f)
+  os.replace(cache + ".tmp", cache)
+  return out
+
+
+def cr_all(result: dict) -> float:
+  """CR over both splits (mean of the per-item scores)."""
+  v = list(result["items"].values())
+  return sum(v) / len(v)
+
+
+def check_gate(teacher: dict, blind: dict, sft: dict) -> dict:
+  """The three gate checks: values, thresholds, pass / fail and why."""
+  vqa = teacher["generate"]["seen"]["vqa"]
+  worth = vqa - blind["generate"]["seen"]["vqa"]
+  lead = cr_all(teacher) - cr_all(sft)
+  checks = {"teacher_vqa": vqa, "image_worth": worth, "cr_lead": lead}
+  failed = [f"{k} = {v:.3f} < {GATE[k]}" for k, v in checks.items() if not v >= GATE[k]]
+  return {"checks": checks, "thresholds": GATE, "passed": not failed, "failed": failed}
+
+
+# ------------------------------------------------------------------ gradient share, layers
+
+def attention_share(workdir: str, common: list[str], batches: int) -> dict:
+  """The attention term's gradient norm vs the LM + KD terms' at the start of DFT (the
+  finished DPT student, the teacher), on the first `batches` training batches."""
+  import numpy as np
+  from cdx import config as config_lib
+  from cdx import paths as paths_lib
+  from cdx.analysis import gradients
+  from cdx.train import setup
+  cfg = config_lib.load(registry.config_spec("dft", "tiny"),
+                        [a for a in common if a.startswith("--config.")])
+  s = setup.build(cfg, workdir)
+  params = paths_lib.merge(s.state["params"], s.frozen)
+  trains = set(paths_lib.leaf_paths(s.state["params"]))  # Frozen leaves are None there.
+  data = [next(s.data) for _ in range(batches)]
+  teacher = s.teacher
+  out = gradients.term_gradient_norms(
+      s.model_cfg, s.teacher_cfg, s.objective, params, teacher, data,
+      trainable=lambda path: path in trains)
+  out["share"] = out["attn"] / (out["attn"] + out["lm_kd"])
+  out["ratio_at_weight_1"] = float(np.mean([r["ratio"] for r in out["per_batch"]])
+                                   / max(cfg.loss.attn, 1e-12))
+  return out
+
+
+def layer_similarity(rows_dirs: dict, teacher_dir: str, data: str, n: int = 8) -> dict:
+  """Per student layer, the best cosine of its visual attention with any teacher layer's,
+  on `n` seen VQA images (as in the paper's analysis, cdx/analysis/attention.py)."""
+  import numpy as np
+  from cdx.analysis import attention
+  from cdx.data import templates
+  from cdx.distill import layers as layers_lib
+  from cdx.eval import benchmarks
+  from cdx.eval import run as eval_run
+  teacher = eval_run.load_model(teacher_dir, data_dir=data)
+  items = benchmarks.read_synthetic(os.path.join(data, "eval"), root=data)["vqa"][:n]
+  out = {}
+  for row, model_dir in rows_dirs.items():
+    m = eval_run.load_model(model_dir, data_dir=data)
+    nv = eval_run.mllm.num_visual_tokens(m.cfg)
+    enc = [templates.encode_prompt(it["prompt"], m.tokenizer, m.template, nv)["input_ids"]
+           for it in items]
+    length = max(len(e) for e in enc)
+    ids = np.full((len(enc), length), m.ids.pad, np.int32)
+    for i, e in enumerate(enc):
+      ids[i, :len(e)] = e
+    load = eval_run._pixels_loader(m)  # pylint: disable=protected-access
+    batch = {"input_ids": ids, "attention_mask": (ids != m.ids.pad).astype(np.int32),
+             "pixel_values": np.stack([load(it["image"]) for it in items]),
+             "has_image": np.ones(len(items), bool)}
+    s_layers = tuple(range(m.cfg.text.num_layers))
+    t_layers = tuple(range(teacher.cfg.text.num_layers))
+    s_maps, t_maps = attention.visual_attention(m.cfg, m.params, teacher.cfg, teacher.params,
+                                                batch, s_layers, t_layers, max_rows=n)
+    sim = layers_lib.similarity_matrix(s_maps, t_maps)
+    out[row] = {"best_per_student_layer": [float(x) for x in sim.max(1)],
+                "matrix": sim.tolist()}
+  return out
+
+
+# ------------------------------------------------------------------------------ report
+
+def summarize(evals: dict, text_only: dict, blind: dict, rounds: int) -> dict:
+  """Rows (mean ± std over seeds), paired bootstrap between rows, the gap closure."""
+  import numpy as np
+  from cdx.eval import compare
+  keys = sorted(evals["teacher"][0]["items"])
+  for row, runs in evals.items():
+    for r in runs:
+      if sorted(r["items"]) != keys:
+        raise SystemExit(f"row {row}: scored other items than the teacher (rerun with the "
+                         "same --cr_limit).")
+  item_means = {row: np.mean([[r["items"][k] for k in keys] for r in runs], axis=0)
+                for row, runs in evals.items()}
+  rows = {}
+  for row, runs in evals.items():
+    gen = lambda key, split="seen": [r["generate"][split][key] for r in runs]
+    rows[row] = {
+        "seeds": len(runs),
+        "cr": compare.seed_summary([cr_all(r) for r in runs]),
+        "cr_seen": compare.seed_summary([r["cr"]["seen"]["overall"] for r in runs]),
+        "cr_heldout": compare.seed_summary([r["cr"]["heldout"]["overall"] for r in runs]),
+        "cr_se_items": compare.standard_error(item_means[row]),
+        "cr_by_order": {o: compare.seed_summary([r["cr"]["seen"]["by_order"][o] for r in runs])
+                        for o in ("pos_first", "pos_second")},
+        "gen_cr": compare.seed_summary(gen("cr")),
+        "gen_unparsed": compare.seed_summary(gen("unparsed_rate")),
+        "gen_by_order": {o: compare.seed_summary([r["generate"]["seen"]["by_order"][o]
+                                                  for r in runs])
+                         for o in ("pos_first", "pos_second")},
+        "vqa_seen": compare.seed_summary(gen("vqa")),
+        "vqa_heldout": compare.seed_summary(gen("vqa", "heldout")),
+        "per_seed_cr": [cr_all(r) for r in runs],
+    }
+  pairs = {f"{a} - {b}": compare.paired_bootstrap(item_means[a], item_means[b], rounds)
+           for a, b in COMPARE if a in item_means and b in item_means}
+  closure = None
+  if all(r in item_means for r in ("compodistill", "kd", "teacher")):
+    closure = compare.gap_closure_bootstrap(item_means["compodistill"], item_means["kd"],
+                                            item_means["teacher"], rounds)
+    t = cr_all(evals["teacher"][0])
+    per_seed = [compare.gap_closure(cr_all(c), cr_all(k), t)
+                for c, k in zip(evals["compodistill"], evals["kd"])]
+    closure["per_seed"] = per_seed
+    closure["seed_summary"] = compare.seed_summary(per_seed)
+  return {"rows": rows, "pairs": pairs, "gap_closure": closure, "items": len(keys),
+          "blind": {"cr": cr_all(blind), "cr_seen": blind["cr"]["seen"]["overall"],
+                    "vqa_seen": blind["generate"]["seen"]["vqa"],
+                    "unparsed": blind["generate"]["seen"]["unparsed_rate"]},
+          "text_only": text_only}
+
+
+def markdown(summary: dict, meta: dict) -> str:
+  pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+  smoke = " (SMOKE RUN: --quick, says nothing about the method)" if meta["quick"] else ""
+  lines = [f"# Miniature results{smoke}",
+           "", f"Command: `{meta['command']}`  ", f"Wall time: {meta['wall_s']:.0f} s; "
+           f"items per row: {summary['items']} (CR, both splits); seeds: {meta['seeds']}", "",
+           "| row | seeds | CR (lik., all) | CR seen | CR held-out | SE items | gen CR seen "
+           "| unparsed | VQA seen | VQA held-out |", "|" + "---|" * 10]
+  for row, r in summary["rows"].items():
+    lines.append(f"| {row} | {r['seeds']} | {pm(r['cr'])} | {pm(r['cr_seen'])} | "
+                 f"{pm(r['cr_heldout'])} | {r['cr_se_items']:.4f} | {pm(r['gen_cr'])} | "
+                 f"{pm(r['gen_unparsed'])} | {pm(r['vqa_seen'])} | {pm(r['vqa_heldout'])} |")
+  b, t = summary["blind"], summary["text_only"]
+  lines.append(f"| blind (teacher, grey) | 1 | {b['cr']:.3f} | {b['cr_seen']:.3f} | | | | "
+               f"{b['unparsed']:.3f} | {b['vqa_seen']:.3f} | |")
+  best = {s: v["best"] for s, v in t.items()}
+  lines.append("| text-only (best heuristic) | - | | " + " | ".join(
+      f"{best[s]['overall']:.3f} ({best[s]['name']})" for s in ("seen", "heldout") if s in best)
+      + " | | | | | |")
+  lines += ["", "Paired bootstrap over items (scores averaged over seeds), 95 % interval:", "",
+            "| comparison | diff | interval | P(diff <= 0) |", "|---|---|---|---|"]
+  for name, p in summary["pairs"].items():
+    lines.append(f"| {name} | {p['diff']:+.3f} | [{p['lo']:+.3f}, {p['hi']:+.3f}] | "
+                 f"{p['p_le_0']:.3f} |")
+  g = summary["gap_closure"]
+  if g:
+    lines += ["", f"Gap closure (compodistill - kd) / (teacher - kd): {g['closure']:.3f} "
+              f"[{g['lo']:.3f}, {g['hi']:.3f}] (bootstrap over items); per seed "
+              f"{pm(g['seed_summary'])} (the paper: about 0.59)."]
+  gate = meta["gate"]
+  lines += ["", f"Gate: {'passed' if gate['passed'] else 'FAILED'} " + ", ".join(
+      f"{k} = {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["checks"].items())]
+  share = meta.get("attention_share")
+  if share:
+    lines.append(f"Attention term at DFT start: |g_attn| / |g_lm+kd| = {share['ratio']:.3f} at "
+                 f"weight {share['attn_weight']} (share {share['share']:.3f}).")
+  return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict, similarity: dict | None, out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  rows = summary["rows"]
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  names = list(rows)
+  ax.bar(names, [rows[n]["cr"]["mean"] for n in names],
+         yerr=[rows[n]["cr"]["std"] for n in names], capsize=4, color="tab:blue")
+  ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
+  ax.axhline(summary["blind"]["cr"], color="tab:red", ls=":", lw=1, label="teacher, grey")
+  ax.set_ylabel("CR accuracy (likelihood)")
+  ax.set_title("Mean ± std over seeds")
+  ax.legend(loc="lower right", fontsize=8)
+  paths = [os.path.join(out_dir, "cr_bars.png")]
+  fig.tight_layout()
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  if similarity:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for row, s in similarity.items():
+      v = s["best_per_student_layer"]
+      ax.plot(range(len(v)), v, marker="o", label=row)
+    ax.set_xlabel("student layer")
+    ax.set_ylabel("best cosine with a teacher layer")
+    ax.set_title("Visual-attention similarity by layer (seed 0)")
+    ax.legend(fontsize=8)
+    paths.append(os.path.join(out_dir, "similarity_by_layer.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+  return paths
+
+
+# -------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="workdir_miniature")
-  p.add_argument("--arms", default="teacher,baseline,compodistill,no_vat")
-  p.add_argument("--eval_limit", type=int, default=100, help="items per eval set")
-  p.add_argument("--steps", type=int, default=0, help="shorten every stage (smoke runs)")
+  p.add_argument("--rows", default=",".join(ROWS))
+  p.add_argument("--seeds", default=None, help="student seeds (default 0,1,2; --quick 0,1)")
+  p.add_argument("--cr_limit", type=int, default=None, help="CR items per subset and split")
+  p.add_argument("--gen_limit", type=int, default=None,
+                 help="items per set for the generative check (VQA, CR, paired)")
+  p.add_argument("--batch_size", type=int, default=32, help="eval batch size")
+  p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap rounds")
+  p.add_argument("--share_batches", type=int, default=4,
+                 help="batches for the attention term's gradient share")
+  p.add_argument("--student_override", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override of every student stage (an ablation, e.g. "
+                      "loss.attn_variant=mse); needs --tag")
+  p.add_argument("--tag", default="", help="names an ablation's seed folders and outputs")
+  p.add_argument("--quick", action="store_true", help="2 steps per stage: a pipeline check")
   args = p.parse_args(argv)
-  arms = [a for a in args.arms.split(",") if a]
-  unknown = sorted(set(arms) - set(ARMS))
-  if unknown:
-    p.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
-  common = ["--config.log.progress=False", "--upstream.log.progress=False"]
-  if args.steps:
-    common += [f"--config.total_steps={args.steps}", f"--upstream.total_steps={args.steps}"]
+  if args.student_override and not args.tag:
+    p.error("--student_override needs --tag (its students go to seed<S>-<tag>/).")
+  rows = [r for r in args.rows.split(",") if r]
+  unknown = sorted(set(rows) - set(ROWS))
+  if unknown or "teacher" not in rows or "sft" not in rows:
+    p.error(f"rows must include teacher and sft and come from {list(ROWS)}; got {rows}")
+  seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
+  cr_limit = args.cr_limit or (3 if args.quick else 500)
+  gen_limit = args.gen_limit or (2 if args.quick else 50)
+  common = ["--config.log.progress=False", "--upstream.log.progress=False",
+            "--config.export_hf=False", "--upstream.export_hf=False"]
+  if args.quick:
+    common += QUICK
+  t_start = time.time()
+  from cdx.eval import baselines
+  work = os.path.abspath(args.workdir)
+  teacher_dir = os.path.join(work, "teacher")
+  data = os.path.join(teacher_dir, "data")
+  tokenizer = os.path.join(data, "tokenizer")
+  score = lambda d, gen=True: evaluate(d, data, tokenizer, cr_limit, gen_limit,
+                                       args.batch_size, gen)
 
-  from cdx.eval import run as eval_run  # After training: the eval stack is lighter to load.
-  data = os.path.join(args.workdir, "data")
-  results = {}
-  for arm in arms:
-    model_dir = train_arm(arm, args.workdir, common)
-    model = eval_run.load_model(model_dir, data_dir=data)
-    results[arm] = eval_run.evaluate_synthetic(model, data, limit=args.eval_limit)
-    results[arm].pop("records", None)
+  # The teacher chain, once; the blind copy of the eval sets; the baselines without a model.
+  teacher = score(train("finetune", teacher_dir, common))
+  blind_data = baselines.blind_export(data, data + "_blind")
+  blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, tokenizer, cr_limit,
+                   gen_limit, args.batch_size)
+  text_only = baselines.synthetic_text_baselines(data)
+  seed_dir = lambda s: os.path.join(work, f"seed{s}" + (f"-{args.tag}" if args.tag else ""))
+  seed_args = lambda s: [f"--config.seed={s}", f"--upstream.seed={s}"] + [
+      f"--{scope}.{o}" for o in args.student_override for scope in ("config", "upstream")]
+  out_name = "miniature" + (f"-{args.tag}" if args.tag else "")
 
-  rows = [("arm", "CR seen", "CR held-out", "VQA seen", "Wino group seen")]
-  for arm, r in results.items():
-    get = lambda split, bench, key: r.get(split, {}).get(bench, {}).get(key, float("nan"))
-    rows.append((arm, f"{get('seen', 'sugarcrepe', 'overall'):.3f}",
-                 f"{get('heldout', 'sugarcrepe', 'overall'):.3f}",
-                 f"{get('seen', 'vqa', 'accuracy'):.3f}",
-                 f"{get('seen', 'winoground', 'group'):.3f}"))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  for row in rows:
-    print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-  out = os.path.join(args.workdir, "miniature.json")
-  with open(out, "w") as f:
-    json.dump({"arms": results, "eval_limit": args.eval_limit, "steps": args.steps}, f,
-              indent=2)
-  print(f"results: {out}")
+  # The gate: the teacher against the first seed's step-matched SFT student.
+  main_dir = os.path.join(work, f"seed{seeds[0]}")  # An ablation's gate is the main run's.
+  _link_shared(teacher_dir, main_dir)
+  sft0 = score(train(ROWS["sft"], main_dir,
+                     common + [f"--config.seed={seeds[0]}", f"--upstream.seed={seeds[0]}"]))
+  gate = check_gate(teacher, blind, sft0)
+  meta = {"command": "python launch/miniature.py " + " ".join(sys.argv[1:] if argv is None
+                                                              else argv),
+          "quick": args.quick, "seeds": seeds, "rows": rows, "cr_limit": cr_limit,
+          "gen_limit": gen_limit, "gate": gate, "student_overrides": args.student_override}
+  print(f"[miniature] gate: {'passed' if gate['passed'] else 'FAILED'} {gate['checks']}",
+        flush=True)
+  if not gate["passed"] and not args.quick:
+    meta["wall_s"] = time.time() - t_start
+    with open(os.path.join(work, out_name + ".json"), "w") as f:
+      json.dump({"meta": meta, "teacher": teacher["cr"], "blind": blind["cr"]}, f, indent=1)
+    print("[miniature] GATE FAILED, no student row was trained: " + "; ".join(gate["failed"])
+          + ". Adjust the world or the teacher's steps/sizes first (docs/RESULTS.md).",
+          file=sys.stderr)
+    return 3
+
+  if "compodistill" in rows:  # The attention term's share of the gradient at DFT start.
+    train("dpt", seed_dir(seeds[0]), common + seed_args(seeds[0]))
+    cache = os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json")
+    if not os.path.isfile(cache):
+      share = attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]),
+                              args.share_batches)
+      with open(cache, "w") as f:
+        json.dump(share, f)
+    with open(cache) as f:
+      meta["attention_share"] = json.load(f)
+    print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
+
+  evals = {"teacher": [teacher]}
+  finals = {}
+  for row in rows[1:] if rows[0] == "teacher" else [r for r in rows if r != "teacher"]:
+    evals[row] = []
+    for s in seeds:
+      _link_shared(teacher_dir, seed_dir(s))
+      final = train(ROWS[row], seed_dir(s), common + seed_args(s))
+      evals[row].append(score(final))
+      if s == seeds[0]:
+        finals[row] = final
+  similarity = layer_similarity(
+      {r: finals[r] for r in ("sft", "kd", "compodistill") if r in finals},
+      os.path.join(teacher_dir, "finetune"), data)
+  summary = summarize(evals, text_only, blind, args.bootstrap)
+  meta["wall_s"] = time.time() - t_start
+  figures = plots(summary, similarity, os.path.join(work, "plots" + out_name[10:]))
+  result = {"meta": meta, "summary": summary, "similarity": similarity, "plots": figures,
+            "vqa_prior": baselines.vqa_prior(data)}
+  with open(os.path.join(work, out_name + ".json"), "w") as f:
+    json.dump(result, f, indent=1)
+  table = markdown(summary, meta)
+  with open(os.path.join(work, out_name + ".md"), "w") as f:
+    f.write(table)
+  print(table)
+  print(f"results: {os.path.join(work, out_name)}.json, .md, plots{out_name[10:]}/")
   return 0
 
 

@@ -19,7 +19,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.total_steps=2", "--upstream.total_steps=2",
          "--config.data.synthetic_train=64", "--upstream.data.synthetic_train=64",
-         "--config.log.progress=False", "--upstream.log.progress=False"]
+         "--config.log.progress=False", "--upstream.log.progress=False",
+         # A random frozen vision tower (the pretrained one costs ~2 min once) and small
+         # SugarCrepe-style sets (500 items x 7 subsets x 2 splits take a while to render).
+         "--config.vision_pretrain.steps=0", "--upstream.vision_pretrain.steps=0",
+         "--config.data.num_cr=20", "--upstream.data.num_cr=20"]
 
 
 @contextlib.contextmanager

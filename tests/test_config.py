@@ -59,11 +59,55 @@ def test_registry_spec_and_unknown_folder():
     registry.config_spec("dtf", "tiny")
 
 
-def test_miniature_arms_are_registered_stages():
-  assert set(miniature.ARMS.values()) <= set(registry.STAGES)
-  novat = config_lib.load(registry.config_spec(miniature.ARMS["no_vat"], "tiny", CONFIGS))
+def _chain(folder):
+  """Configs of `folder` and its init stages, upstream last (tiny preset)."""
+  out = []
+  while folder:
+    out.append(config_lib.load(registry.config_spec(folder, "tiny", CONFIGS)))
+    folder = out[-1].inputs.init
+  return out
+
+
+def test_miniature_rows_are_registered_stages():
+  assert set(miniature.ROWS.values()) <= set(registry.STAGES)
+  novat = config_lib.load(registry.config_spec(miniature.ROWS["taf"], "tiny", CONFIGS))
   up = config_lib.load(registry.config_spec(novat.inputs.init, "tiny", CONFIGS))
   assert (up.name, up.loss.attn, up.loss.kd) == ("dft_novat", 0.0, 1.0)
+
+
+# row -> (TAF, KD weight of its DFT, attention weight > 0) of the rows that distil.
+_ROW_TERMS = {"kd": (False, 1.0, False), "taf": (True, 1.0, False),
+              "vat": (False, 1.0, True), "compodistill": (True, 1.0, True)}
+
+
+@pytest.mark.parametrize("row", sorted(_ROW_TERMS))
+def test_miniature_rows_differ_only_in_their_terms(row):
+  chain = _chain(miniature.ROWS[row])
+  names = [c.name for c in chain]
+  assert names[-1] == "pretrain_student" and len(names) == 4, names
+  sft, dft, dpt = chain[:3]
+  taf, kd, attn = _ROW_TERMS[row]
+  assert {sft.taf, dft.taf, dpt.taf} == {taf}
+  assert (dft.loss.kd, dft.loss.attn > 0) == (kd, attn)
+  assert dpt.loss.attn == 0 and (sft.loss.kd, sft.loss.attn) == (0, 0)
+  assert not sft.use_teacher and dft.use_teacher and dpt.use_teacher
+
+
+def test_miniature_student_rows_are_step_matched():
+  """Every student row: the same stage 0 and the same number of instruction steps."""
+  steps = {}
+  for row in miniature.STUDENTS:
+    chain = _chain(miniature.ROWS[row])
+    assert chain[-1].name == "pretrain_student"
+    steps[row] = sum(c.total_steps for c in chain if c.data.train == "instruct.json")
+  assert len(set(steps.values())) == 1, steps
+
+
+def test_tiny_attention_weight_is_the_papers_on_real_presets():
+  tiny = config_lib.load(_spec("dft", "tiny"))
+  paper = config_lib.load(_spec("dft", "paper"))
+  vat = config_lib.load(_spec("dft_vat", "tiny"))
+  assert paper.loss.attn == 1.0 and tiny.loss.attn == vat.loss.attn > 0
 
 
 def test_role_only_where_a_stage_has_a_student_variant():

@@ -54,7 +54,7 @@ def test_chain_leaves_every_output(chain, stage):
   assert [r["step"] for r in rows] == [1, 2]  # One line per logged step (log.every_steps=1).
   for r in rows:
     assert TERMS[stage] <= set(r) and isinstance(r["loss"], float)
-    weights = {"lm": 1.0, "kd": 1.0, "attn": 1.0}  # The tiny presets' loss weights.
+    weights = json.load(open(os.path.join(d, "config.json")))["loss"]  # The stage's own.
     assert r["loss"] == pytest.approx(sum(weights[t] * r[t] for t in TERMS[stage]), rel=1e-5)
     assert r["tokens_seen"] >= r["tokens"] > 0  # Input tokens >= supervised tokens.
   assert not {"kd", "attn"} & set(rows[0]) - TERMS[stage]

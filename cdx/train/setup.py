@@ -48,6 +48,7 @@ from cdx.models import mllm
 from cdx.train import lora as lora_lib
 from cdx.train import optim
 from cdx.train import step as step_lib
+from cdx.train import vision_pretrain
 from cdx.trained import load_trained
 
 PyTree = Any
@@ -162,7 +163,8 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
     from cdx.data.synthetic import export  # Only tiny runs need the renderer.
     root = os.path.join(workdir, "data")
     if jax.process_index() == 0:
-      tok_path = export.ensure(root, data.synthetic_train, cfg.seed, vocab_size=1024)
+      tok_path = export.ensure(root, data.synthetic_train, data.world_seed, vocab_size=1024,
+                               num_cr=data.num_cr, format_frac=data.format_frac)
     ckpt_lib.sync("cdx_synthetic_data")  # Other hosts read what process 0 wrote.
     tok_path = os.path.join(root, "tokenizer")
   missing = [f"data.{k}" for k, v in (("train", data.train), ("tokenizer", tok_path)) if not v]
@@ -197,10 +199,18 @@ def _cast(params: dict, dtype: str) -> dict:
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
-def _shared_vision(model_cfg: mllm.MllmConfig, seed: int) -> dict:
-  """The tiny presets' vision tower: random but identical for teacher and student."""
-  full = mllm.init_params(model_cfg, jax.random.key(seed + 7))
-  return full["vision"]
+def _shared_vision(model_cfg: mllm.MllmConfig, cfg, workdir: str) -> dict:
+  """The tiny presets' frozen vision tower, identical for teacher and student: pretrained
+  on the synthetic world (`cfg.vision_pretrain`, cached in <workdir>/vision), or random
+  with vision_pretrain.steps=0 or on other data (data.synthetic=False)."""
+  vp = cfg.vision_pretrain
+  if vp.steps <= 0 or not cfg.data.synthetic:
+    return mllm.init_params(model_cfg, jax.random.key(cfg.seed + 7))["vision"]
+  vision = vision_pretrain.pretrain_vision(
+      cfg.data.world_seed, model_cfg.vision, os.path.join(workdir, "vision"), steps=vp.steps,
+      seed=vp.seed, feature_layer=model_cfg.feature_layer, batch_size=vp.batch_size,
+      lr=vp.lr, dense_weight=vp.dense_weight)
+  return jax.tree.map(jnp.asarray, vision)
 
 
 def load_model(spec, cfg, workdir: str, init_stage: str, ids, fingerprint: str,
@@ -250,8 +260,9 @@ def _load_model(spec, cfg, workdir, init_stage, ids, fingerprint, role):
                     f"(an HF LLaVA dir, or a Qwen2 dir plus --config.{role}.vision_path).")
   model_cfg = spec_config(spec, cfg, ids)
   params = mllm.init_params(model_cfg, jax.random.key(cfg.seed + (1 if role == "teacher" else 2)))
-  params["vision"] = _shared_vision(model_cfg, cfg.seed)
-  return model_cfg, params, {"random": cfg.seed}
+  params["vision"] = _shared_vision(model_cfg, cfg, workdir)
+  return model_cfg, params, {"random": cfg.seed,
+                             "vision_pretrain_steps": int(cfg.vision_pretrain.steps)}
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
