@@ -244,7 +244,7 @@ class _Attention(nn.Module):
       cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
       new_kv = (cache_k, cache_v)
       k, v = cache_k.astype(self.num.dtype), cache_v.astype(self.num.dtype)
-    out = attention.attend(q, k, v, mask)
+    out = attention.attend(q, k, v, mask, fused=not self.capture)  # Captured: exact.
     extras = {}
     if "visual_attn" in self.capture:
       extras["visual_attn"] = _only_when(
