@@ -3,7 +3,8 @@
   python launch/bench.py memory --preset paper [--seq 1536[,1024,...]] [--batch 1]
                                 [--compute-dtype float32] [--formulations cdx]
                                 [--scan-layers config|on|off] [--out F]
-  python launch/bench.py step   --preset tiny|mid [--seq L] [--batch B] [--steps N] [--out F]
+  python launch/bench.py step   --preset tiny|mid|bench [--seq L[,L...]] [--batch B] [--steps N]
+                                [--against official|torch] [--sweep] [--json] [--out F]
   python launch/bench.py loader [--batches N] [--workdir DIR] [--out F]
 
 `memory` builds the DFT step abstractly (jax.eval_shape: no weights, ShapeDtypeStruct inputs
@@ -13,7 +14,20 @@ cdx formulation (`cdx.distill.objective.compute_loss`) and the official one
 `--compute-dtype` overrides the preset's compute dtype (teacher weights follow it);
 `--formulations` compiles only the named ones (no ratio without both); `--scan-layers`
 sets the decoder layout (qwen.Decoder `scan_layers`) of both, default the preset's.
-`step` times the real compiled step of both formulations in one process, same inputs.
+`step` times the real compiled step of both formulations in one process, same inputs
+(`--against official`, the default). `--against torch` compares cdx with the official
+PyTorch code instead (launch/torch_reference.py: transformers LLaVA eager with
+output_attentions, full logits, PEFT LoRA, AdamW): the preset's random weights and batch
+are exported once, then each side runs in its own fresh process -- cdx's jitted step here
+(`_jax_side`), torch with set_num_threads = cores and OMP_WAIT_POLICY=PASSIVE. Both
+measure the same way (`torch_reference.PeakRss`): RSS after construction (models,
+optimizer, batch; for JAX also the compiled step), the peak during the steps minus that
+("step memory"), and the process's total peak. The cdx side uses the official
+(unshifted) KD mask so that both compute the same loss; the first-step losses must agree
+to 1e-3 relative or the command fails. Tokens/s = B * L / median step time (first step
+excluded). `--sweep` runs L = 384 ... 2048 at the preset's Nv and batch; `--json` prints
+one JSON line per length with jax_/torch_tokens_per_s, jax_/torch_peak_bytes (step
+memory) and their ratios.
 `loader` measures samples/s of the tiny data pipeline (synthetic world) against the tiny
 step's samples/s, to tell whether training is input-bound. Each prints a table and, with
 --out, writes the rows as JSON.
@@ -21,6 +35,8 @@ step's samples/s, to tell whether training is input-bound. Each prints a table a
 Presets (the DFT stage: LoRA + post-connector, LM + KD + attention, TAF student):
   tiny   configs/common.py tiny models (f32, no remat), L 192, B 16
   mid    a CPU-timeable middle size (below), f32, no remat, L 1024, B 2
+  bench  the torch comparison's shape: Nv 255, student 8 x 256 (GQA 8/4 heads), teacher
+         14 x 320, vocab 16k, f32, no remat, L 512, B 2
   paper  SigLIP so400m + Qwen1.5-1.8B student (LoRA r128) + Qwen1.5-4B teacher, bf16
          compute, remat as configs/common.py says, L 1536, B 1
 """
@@ -31,7 +47,9 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -54,6 +72,7 @@ from cdx.train import step as step_lib  # noqa: E402
 LOSSES = {"cdx": objective_lib.compute_loss, "official": reference.compute_loss}
 FORMULATIONS = tuple(LOSSES)
 GiB = 2**30
+LOSS_RTOL = 1e-3  # `step --against torch`: first-step losses of the two sides
 
 # mid: 4x the tiny widths, deeper teacher, 255 visual tokens, an 8k vocab.
 MID_VISION = dict(image_size=128, patch_size=8, hidden_size=128, num_layers=2, num_heads=4,
@@ -64,7 +83,16 @@ MID_TEACHER = dict(vocab_size=8192, hidden_size=256, num_layers=12, num_heads=8,
 MID_STUDENT = dict(vocab_size=8192, hidden_size=128, num_layers=8, num_heads=4,
                    num_kv_heads=2, head_dim=32, mlp_dim=256, rope_theta=10000.0,
                    tie_embeddings=True)
-DEFAULTS = {"tiny": (192, 16), "mid": (1024, 2), "paper": (1536, 1)}  # (seq, batch)
+# bench: the shape of the PyTorch comparison (`step --against torch`).
+BENCH_TEACHER = dict(vocab_size=16384, hidden_size=320, num_layers=14, num_heads=10,
+                     num_kv_heads=10, head_dim=32, mlp_dim=864, rope_theta=10000.0,
+                     tie_embeddings=False)
+BENCH_STUDENT = dict(vocab_size=16384, hidden_size=256, num_layers=8, num_heads=8,
+                     num_kv_heads=4, head_dim=32, mlp_dim=704, rope_theta=10000.0,
+                     tie_embeddings=True)
+DEFAULTS = {"tiny": (192, 16), "mid": (1024, 2), "bench": (512, 2),
+            "paper": (1536, 1)}  # (seq, batch)
+SWEEP = (384, 512, 768, 1024, 1536, 2048)  # `step --sweep` lengths (Nv fixed)
 
 
 @dataclasses.dataclass
@@ -110,6 +138,8 @@ def stage_config(preset: str, models: tuple[dict, dict, dict] | None = None,
   cfg.lora.full_finetune = False  # Every preset trains the paper's way: LoRA + post.
   if preset == "mid":
     models = models or (MID_VISION, MID_STUDENT, MID_TEACHER)
+  if preset == "bench":
+    models = models or (MID_VISION, BENCH_STUDENT, BENCH_TEACHER)
   if models is not None:
     cfg.model.vision = dict(models[0])
     cfg.teacher.vision = dict(models[0])
@@ -286,9 +316,119 @@ def time_step(fn, args, steps: int, warmup: int = 2) -> dict:
 
 
 def cmd_step(a) -> list[dict]:
-  b = build(a.preset, a.seq, a.batch)
+  if a.side == "jax":
+    row = _jax_side(a.preset, a.seq[0], a.batch, a.steps)
+    print(json.dumps(row))
+    return [row]
+  if a.against == "torch":
+    return [_against_torch(a, seq) for seq in a.seq]
+  return [_against_official(a, seq) for seq in a.seq]
+
+
+def _official_kd(b: Bench) -> Bench:
+  """The bench with the official (unshifted) KD mask: the loss the torch code computes."""
+  return dataclasses.replace(b, objective=dataclasses.replace(b.objective,
+                                                              kd_mask="official"))
+
+
+def _jax_side(preset: str, seq: int, batch: int | None, steps: int) -> dict:
+  """cdx's step measured as launch/torch_reference.py measures torch (same dict keys)."""
+  from launch import torch_reference  # pylint: disable=import-outside-toplevel
+  probe = torch_reference.PeakRss()
+  b = _official_kd(build(preset, seq, batch))
+  jitted = jax.jit(b.step_fn("cdx"), donate_argnums=(0,),
+                   compiler_options=step_lib.compiler_options(jax.default_backend()))
+  state, frozen, teacher, data = jax.device_put(b.args())
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, frozen, teacher, data).compile()
+  compile_s = time.perf_counter() - t0
+  del b  # Only the device copies stay alive, as torch holds only its models.
+  rss_after_build, build_peak = probe.current(), probe.peak()
+  probe.reset()
+  times, first = [], None
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, frozen, teacher, data)
+    loss = float(metrics["loss"])  # The host sync torch's loss.item() also does.
+    times.append(time.perf_counter() - t)
+    first = loss if first is None else first
+  step_peak = probe.peak()
+  bsz, length = data["input_ids"].shape
+  ms = 1e3 * statistics.median(times[1:] if steps > 1 else times)
+  return {"loss_first_step": first, "tokens_per_s": bsz * length / (ms / 1e3),
+          "ms_per_step": ms, "steps": steps, "batch": bsz, "seq": length,
+          "compile_s": round(compile_s, 1), "peak_rss_bytes": max(build_peak, step_peak),
+          "rss_after_build_bytes": rss_after_build,
+          "step_peak_bytes": step_peak - rss_after_build, "rss_method": probe.method,
+          "backend": jax.default_backend(), "jax": jax.__version__}
+
+
+def _run_jax_subprocess(preset: str, seq: int, batch: int | None, steps: int,
+                        timeout: float | None) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "step", f"--preset={preset}",
+         f"--seq={seq}", f"--steps={steps}", "--side=jax"]
+  if batch:
+    cmd.append(f"--batch={batch}")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"cdx side failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                       f"{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _against_torch(a, seq: int) -> dict:
+  """One length: export weights + batch, run each side in its own process, compare."""
+  from launch import torch_reference  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory(prefix="cdx_bench_") as tmp:
+    b = _official_kd(build(a.preset, seq, a.batch))
+    paths = torch_reference.export_bench(b, tmp)
+    del b
+    threads = os.cpu_count()
+    load = os.getloadavg()
+    jx = _run_jax_subprocess(a.preset, seq, a.batch, a.steps, a.timeout)
+    tc = torch_reference.run_in_subprocess(paths["student"], paths["teacher"],
+                                           paths["batch"], a.steps, threads, a.timeout)
+  rel = abs(jx["loss_first_step"] - tc["loss_first_step"]) / abs(tc["loss_first_step"])
+  row = {"preset": a.preset, "seq": seq, "batch": jx["batch"], "steps": a.steps,
+         "threads": threads, "loadavg_1m": load[0],
+         "jax_loss_first_step": jx["loss_first_step"],
+         "torch_loss_first_step": tc["loss_first_step"], "loss_rel_diff": rel,
+         "loss_match": rel <= LOSS_RTOL,
+         "jax_tokens_per_s": jx["tokens_per_s"], "torch_tokens_per_s": tc["tokens_per_s"],
+         "tokens_per_s_ratio": jx["tokens_per_s"] / tc["tokens_per_s"],
+         "jax_peak_bytes": jx["step_peak_bytes"], "torch_peak_bytes": tc["step_peak_bytes"],
+         "peak_bytes_ratio": jx["step_peak_bytes"] / max(tc["step_peak_bytes"], 1),
+         "jax_total_peak_bytes": jx["peak_rss_bytes"],
+         "torch_total_peak_bytes": tc["peak_rss_bytes"],
+         "total_peak_bytes_ratio": jx["peak_rss_bytes"] / tc["peak_rss_bytes"],
+         "jax": jx, "torch": tc}
+  if a.json:
+    print(json.dumps(row), flush=True)
+  else:
+    mib = 2**20
+    print(f"\n{a.preset} L={seq} B={row['batch']} (threads {threads}, load {load[0]:.1f}): "
+          f"first-step loss cdx {jx['loss_first_step']:.6f} torch "
+          f"{tc['loss_first_step']:.6f} (rel {rel:.1e})")
+    print(f"{'side':6} {'tokens/s':>9} {'ms/step':>9} {'step MiB':>9} {'after build':>11} "
+          f"{'total peak':>10}")
+    for name, r in (("cdx", jx), ("torch", tc)):
+      print(f"{name:6} {r['tokens_per_s']:9.0f} {r['ms_per_step']:9.1f} "
+            f"{r['step_peak_bytes'] / mib:9.0f} {r['rss_after_build_bytes'] / mib:11.0f} "
+            f"{r['peak_rss_bytes'] / mib:10.0f}")
+    print(f"cdx/torch: tokens/s {row['tokens_per_s_ratio']:.2f}x, step memory "
+          f"{row['peak_bytes_ratio']:.2f}, total peak {row['total_peak_bytes_ratio']:.2f}",
+          flush=True)
+  if not row["loss_match"]:
+    raise SystemExit(f"first-step losses differ: cdx {jx['loss_first_step']} vs torch "
+                     f"{tc['loss_first_step']} (rel {rel:.2e} > {LOSS_RTOL}); the sides do "
+                     "not compute the same step.")
+  return row
+
+
+def _against_official(a, seq: int) -> dict:
+  b = build(a.preset, seq, a.batch)
   batch, seq = b.batch["input_ids"].shape
-  row = {"preset": a.preset, "seq": seq, "batch": batch, "backend": jax.default_backend(),
+  row = {"preset": b.preset, "seq": seq, "batch": batch, "backend": jax.default_backend(),
          "devices": jax.device_count(), "cpu_count": os.cpu_count()}
   args = (b.state, b.frozen, b.teacher, jax.device_put(b.batch))
   for form in FORMULATIONS:
@@ -299,11 +439,11 @@ def cmd_step(a) -> list[dict]:
         f"{'samples/s':>9} {'compile s':>9} {'loss':>8}")
   for form in FORMULATIONS:
     m = row[form]
-    print(f"{a.preset:6} {seq:5d} {batch:3d} {form:8} {m['ms_median']:9.1f} "
+    print(f"{b.preset:6} {seq:5d} {batch:3d} {form:8} {m['ms_median']:9.1f} "
           f"{m['ms_min']:9.1f} {m['samples_s']:9.2f} {m['compile_s']:9.1f} "
           f"{m['last_loss']:8.4f}")
   print(f"{'':16} official/cdx time: {row['speedup']:.2f}x")
-  return [row]
+  return row
 
 
 # ------------------------------------------------------------------------------- loader
@@ -356,10 +496,18 @@ def parse(argv):
   m.add_argument("--scan-layers", default="config", choices=sorted(_SCAN),
                  help="decoder layout of both formulations (default: the preset's config)")
   s = sub.add_parser("step", help="time the compiled step, cdx vs official")
-  s.add_argument("--preset", default="tiny", choices=("tiny", "mid"))
-  s.add_argument("--seq", type=int, default=None)
+  s.add_argument("--preset", default="tiny", choices=("tiny", "mid", "bench"))
+  s.add_argument("--seq", default=None, help="sequence length(s), comma-separated")
   s.add_argument("--batch", type=int, default=None)
   s.add_argument("--steps", type=int, default=5)
+  s.add_argument("--against", default="official", choices=("official", "torch"),
+                 help="official: the JAX official formulation in process; torch: the "
+                      "PyTorch reference, each side in its own process")
+  s.add_argument("--sweep", action="store_true",
+                 help=f"lengths {','.join(map(str, SWEEP))} (Nv and batch fixed)")
+  s.add_argument("--json", action="store_true", help="one JSON line per length")
+  s.add_argument("--timeout", type=float, default=None, help="seconds per side and length")
+  s.add_argument("--side", default=None, choices=("jax",), help=argparse.SUPPRESS)
   ld = sub.add_parser("loader", help="data pipeline samples/s vs the tiny step")
   ld.add_argument("--batches", type=int, default=20)
   ld.add_argument("--steps", type=int, default=10)
@@ -369,6 +517,13 @@ def parse(argv):
   a = p.parse_args(argv)
   if a.cmd == "memory" and a.seq is None:
     a.seq = str(DEFAULTS[a.preset][0])
+  if a.cmd == "step":
+    if a.sweep and a.seq:
+      raise SystemExit("--sweep and --seq together: --sweep sets the lengths.")
+    if a.against != "torch" and (a.sweep or a.json):
+      raise SystemExit("--sweep and --json go with --against torch.")
+    seqs = SWEEP if a.sweep else str(a.seq or DEFAULTS[a.preset][0]).split(",")
+    a.seq = [int(s) for s in seqs]
   return a
 
 

@@ -252,7 +252,7 @@ class _Attention(nn.Module):
       cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
       new_kv = (cache_k, cache_v)
       k, v = cache_k.astype(self.num.dtype), cache_v.astype(self.num.dtype)
-    out = attention.attend(q, k, v, mask)
+    out = attention.attend(q, k, v, mask, fused=not self.capture)  # Captured: exact.
     if override is not None:  # The intervention: new visual rows (Capture.override).
       vis_out, _ = attention.override_visual(q, k, v, mask, visual_pos, override)
       out = jax.vmap(lambda o, p, new: o.at[p].set(new))(out, visual_pos, vis_out)
