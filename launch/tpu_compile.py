@@ -186,23 +186,33 @@ def compile_step(build, preset: str, topology: str, mesh_spec: str, batch: int,
   params = paths_lib.merge(b.state["params"], b.frozen)
   flops = model_flops_per_token(b.student_cfg, b.teacher_cfg, params, b.state["lora"],
                                 b.teacher, seq)
-  t0 = time.time()
-  compiled = fn.lower(*b.args()).compile()
-  compile_s = time.time() - t0
-  m = compiled.memory_analysis()
-  memory = {k: int(getattr(m, f"{k}_size_in_bytes"))
-            for k in ("argument", "output", "temp", "alias")}
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   chips = len({tuple(d.coords) for d in devices})
-  per_chip = hbm_bytes(memory) * len(devices) // chips
+  t0 = time.time()
+  try:
+    compiled = fn.lower(*b.args()).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program whose buffers exceed the chip's HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, error = None, str(e).splitlines()[0]
+  compile_s = time.time() - t0
+  memory, per_chip, cost = None, None, None
+  if compiled is not None:
+    m = compiled.memory_analysis()
+    memory = {k: int(getattr(m, f"{k}_size_in_bytes"))
+              for k in ("argument", "output", "temp", "alias")}
+    per_chip = hbm_bytes(memory) * len(devices) // chips
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    error = None
   return {
       "preset": preset, "topology": topology, "device_kind": devices[0].device_kind,
       "devices": len(devices), "chips": chips, "mesh": sizes, "formulation": formulation,
       "seq": seq, "batch_per_shard": batch, "micro_batches": micro_batches,
       "global_batch": batch * shards, "tokens_per_step": batch * shards * seq,
       "memory_per_device": memory, "hbm_per_chip": per_chip,
-      "chip_hbm": chip.hbm_bytes, "fits": per_chip <= chip.hbm_bytes,
+      "chip_hbm": chip.hbm_bytes,
+      "fits": per_chip is not None and per_chip <= chip.hbm_bytes, "error": error,
       "model_flops_per_token": flops, "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
       "tokens_per_s_per_chip_at_mfu_1": tokens_per_s_at(1.0, flops["total"], 1,
                                                         chip.peak_bf16_flops),
@@ -219,13 +229,14 @@ def print_table(rows: list[dict], tokens_per_s: float | None = None) -> None:
     mesh = ",".join(str(r["mesh"][a]) for a in parallel.AXES)
     line = (f"{r['topology']:10} {r['chips']:5d} {mesh:>12} {r['formulation']:8} "
             f"{r['batch_per_shard']:7d} {r['micro_batches']:5d} "
-            f"{r['hbm_per_chip'] / GiB:12.2f} {r['chip_hbm'] / GiB:4.0f} "
+            f"{r['hbm_per_chip'] / GiB if r['hbm_per_chip'] else float('nan'):12.2f} "
+            f"{r['chip_hbm'] / GiB:4.0f} "
             f"{'yes' if r['fits'] else 'NO':>4} "
             f"{r['model_flops_per_token']['total'] / 1e9:9.2f} "
             f"{r['tokens_per_s_per_chip_at_mfu_1']:15.0f}")
     if tokens_per_s:
       line += f"  {mfu(r['model_flops_per_token']['total'], tokens_per_s, r['chips'], r['peak_bf16_flops_per_chip']):.3f}"
-    print(line)
+    print(line + (f"\n{'':10} {r['error']}" if r["error"] else ""))
 
 
 def cmd_compile(a, build) -> list[dict]:
@@ -236,8 +247,8 @@ def cmd_compile(a, build) -> list[dict]:
       for form in a.formulation.split(","):
         row = compile_step(build, a.preset, topology, mesh_spec, a.batch, a.micro_batches,
                            a.seq, form)
-        print(f"  [{topology} {mesh_spec} {form}] compiled in {row['compile_s']} s",
-              flush=True)
+        print(f"  [{topology} {mesh_spec} {form}] compiled in {row['compile_s']} s: "
+              f"{row['error'] or row['memory_per_device']}", flush=True)
         rows.append(row)
   print_table(rows, a.tokens_per_s)
   return rows
