@@ -6,6 +6,8 @@
   python launch/bench.py step   --preset tiny|mid|bench [--seq L[,L...]] [--batch B] [--steps N]
                                 [--against official|torch] [--sweep] [--json] [--out F]
   python launch/bench.py loader [--batches N] [--workdir DIR] [--out F]
+  python launch/bench.py compile --preset paper --topology v5e:2x4 --mesh fsdp=8 [--json]
+                                (launch/tpu_compile.py: the step compiled for a TPU topology)
 
 `memory` builds the DFT step abstractly (jax.eval_shape: no weights, ShapeDtypeStruct inputs
 only), lowers and compiles it for this backend and prints XLA's `memory_analysis()` for the
@@ -67,6 +69,7 @@ from cdx.distill import reference  # noqa: E402
 from cdx.models import mllm  # noqa: E402
 from cdx.train import setup as setup_lib  # noqa: E402
 from cdx.train import step as step_lib  # noqa: E402
+from launch import tpu_compile  # noqa: E402
 
 # The loss of each formulation (same value, different memory layout).
 LOSSES = {"cdx": objective_lib.compute_loss, "official": reference.compute_loss}
@@ -512,7 +515,8 @@ def parse(argv):
   ld.add_argument("--batches", type=int, default=20)
   ld.add_argument("--steps", type=int, default=10)
   ld.add_argument("--workdir", default="/tmp/cdx_bench")
-  for q in (m, s, ld):
+  tpu_compile.add_parser(sub)
+  for q in (m, s, ld, sub.choices["compile"]):
     q.add_argument("--out", default=None, help="write the rows as JSON here")
   a = p.parse_args(argv)
   if a.cmd == "memory" and a.seq is None:
@@ -529,7 +533,10 @@ def parse(argv):
 
 def main(argv=None) -> int:
   a = parse(argv)
-  rows = {"memory": cmd_memory, "step": cmd_step, "loader": cmd_loader}[a.cmd](a)
+  rows = {"memory": cmd_memory, "step": cmd_step, "loader": cmd_loader,
+          "compile": lambda a: tpu_compile.cmd_compile(a, build)}[a.cmd](a)
+  if getattr(a, "json", False):
+    print(json.dumps(rows, indent=2))
   if a.out:
     with open(a.out, "w") as f:
       json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
