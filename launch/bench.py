@@ -535,7 +535,7 @@ def main(argv=None) -> int:
   a = parse(argv)
   rows = {"memory": cmd_memory, "step": cmd_step, "loader": cmd_loader,
           "compile": lambda a: tpu_compile.cmd_compile(a, build)}[a.cmd](a)
-  if getattr(a, "json", False):
+  if a.cmd == "compile" and a.json:  # `step --json` prints each row as it is measured.
     print(json.dumps(rows, indent=2))
   if a.out:
     with open(a.out, "w") as f:

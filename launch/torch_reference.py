@@ -182,6 +182,8 @@ def export_inputs(out_dir: str, student_cfg, teacher_cfg, objective, params: dic
   spec = {"student_layers": list(objective.student_layers),
           "teacher_groups": [list(g) for g in objective.teacher_groups],
           "kd_mask": objective.kd_positions,  # fidelity=official: unshifted
+          # The loss weights (the official code's are 1; the tiny preset's attention is not).
+          "weights": {"lm": objective.lm, "kd": objective.kd, "attn": objective.attn},
           "lora_rank": lora_spec.rank if lora_spec else 8,
           "lora_alpha": lora_spec.alpha if lora_spec else 16.0,
           **{"lr": 1e-4, "weight_decay": 0.0, "clip_norm": 1.0, **(optim or {})}}
@@ -384,7 +386,8 @@ def compute_loss(student, teacher, batch: dict, spec: dict):
   kd = kd_loss(s_out.logits, t_out.logits, batch["labels"], spec.get("kd_mask", "official"))
   attn = attention_loss(s_out.attentions, t_out.attentions, pos, has_image,
                         spec["student_layers"], spec["teacher_groups"])
-  total = lm + kd + attn
+  w = spec.get("weights", {"lm": 1.0, "kd": 1.0, "attn": 1.0})
+  total = w["lm"] * lm + w["kd"] * kd + w["attn"] * attn
   return total, {"lm": lm.item(), "kd": kd.item(), "attn": attn.item()}
 
 

@@ -84,7 +84,10 @@ def test_official_formulation_gives_the_same_loss_and_grads():
   flat_cdx, flat_off = jax.tree.leaves(g_cdx), jax.tree.leaves(g_off)
   assert len(flat_cdx) == len(flat_off)
   for a, o in zip(flat_cdx, flat_off):
-    np.testing.assert_allclose(o, a, rtol=1e-3, atol=1e-5)
+    # Sharpened params give gradients up to ~35 in a leaf: float32 rounding of two
+    # different computation orders (the grouped-query attention's own backward) then
+    # reaches ~1e-4 on that leaf's near-zero entries, so atol scales with the leaf.
+    np.testing.assert_allclose(o, a, rtol=1e-3, atol=1e-5 * max(1.0, float(np.abs(o).max())))
 
 
 def test_unknown_formulation_is_rejected():
