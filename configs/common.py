@@ -55,7 +55,7 @@ PAPER_STUDENT = "qwen1.5-1.8b"
 
 # LoRA targets of the paper: every 2-D linear kernel of the LLM except the output head. The
 # embedding table is named `embedding`, not `kernel`, so it never matches. Rule syntax: an
-# ordered list of full-match regexes, `(regex, False)` excludes (cdx/train/params.py).
+# ordered list of full-match regexes, `(regex, False)` excludes (cdx/paths.py).
 LLM_LINEARS = (("llm/lm_head/.*", False), r"llm/.*/kernel")
 
 
