@@ -23,8 +23,9 @@ T new keys/values of row b at slots lengths[b] .. lengths[b]+T-1, gives them pos
 lengths[b] + t, lets query t see slots <= its own position and < new length, and returns
 the updated cache in inter["cache"] with lengths += attention_mask.sum(-1). So: prefill
 a right-padded prompt batch once (pad slots are counted out and later overwritten), then
-feed one token per row per step with attention_mask ones [B, 1]. Slots beyond S are
-clamped by XLA, so S must cover prompt + new tokens.
+feed one token per row per step with attention_mask ones [B, 1]. Writes to slots beyond S
+are dropped, so S must cover prompt + new tokens. Each layer scatters its entries into the
+stacked cache, which a generation loop then updates in place.
 
 Layer layouts: by default each layer is its own module and params are "layers_{i}"; with
 `Decoder(scan_layers=True)` the layers' params are stacked under "layers" (leading axis
@@ -245,13 +246,16 @@ class _Attention(nn.Module):
     k = apply_rope(proj("k", cfg.num_kv_heads, True), positions, cfg.rope_theta)
     v = proj("v", cfg.num_kv_heads, True)
     new_kv = None
-    if kv is not None:
-      cache_k, cache_v, start = kv
-      write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(
-          c, new.astype(c.dtype), (s, 0, 0)))
-      cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
+    if kv is not None:  # Write the T new entries of this layer into the whole cache.
+      cache_k, cache_v, layer, start = kv
+      # A scatter into the stacked cache, not a per-layer slice re-stacked afterwards:
+      # inside the generation loop XLA updates the buffer in place, so a decode step
+      # writes B x T entries instead of copying the whole cache.
+      at = (layer, jnp.arange(b)[:, None], start[:, None] + jnp.arange(t)[None])
+      cache_k = cache_k.at[at].set(k.astype(cache_k.dtype), mode="drop")
+      cache_v = cache_v.at[at].set(v.astype(cache_v.dtype), mode="drop")
       new_kv = (cache_k, cache_v)
-      k, v = cache_k.astype(self.num.dtype), cache_v.astype(self.num.dtype)
+      k, v = cache_k[layer].astype(self.num.dtype), cache_v[layer].astype(self.num.dtype)
     out = attention.attend(q, k, v, mask, fused=not self.capture)  # Captured: exact.
     if override is not None:  # The intervention: new visual rows (Capture.override).
       vis_out, _ = attention.override_visual(q, k, v, mask, visual_pos, override)
@@ -395,21 +399,20 @@ class Decoder(nn.Module):
     return self.logits(hidden)
 
   def _unrolled(self, x, positions, mask, visual_pos, cache, attn_override=None):
-    """-> x, {name: [K, ...] in capture.layers order} of the captured extras, new (k, v)."""
-    extras, new_k, new_v = {}, [], []
+    """-> x, {name: [K, ...] in capture.layers order} of the captured extras, the updated
+    (k, v) of the cache (None without one)."""
+    extras = {}
+    new_kv = None if cache is None else (cache["k"], cache["v"])
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["lengths"])
+      kv = None if cache is None else (*new_kv, i, cache["lengths"])
       over = (attn_override[self.capture.override.index(i)]
               if i in self.capture.override else None)
-      x, layer_extras, layer_kv = layer(x, positions, mask, visual_pos, kv, None, over)
+      x, layer_extras, new_kv = layer(x, positions, mask, visual_pos, kv, None, over)
       for name, value in layer_extras.items():
         extras.setdefault(name, {})[i] = value
-      if layer_kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
     extras = {name: jnp.stack([by_layer[i] for i in self.capture.layers])
               for name, by_layer in extras.items()}
-    return x, extras, (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None
+    return x, extras, new_kv
 
   def _scanned(self, x, positions, mask, visual_pos, cache):
     """Same as `_unrolled` but extras hold a slot for every layer, in layer order."""
@@ -417,19 +420,23 @@ class Decoder(nn.Module):
                             if self.capture.layers else ())
     lora = self.get_variable("lora", "layers") if self.has_variable("lora", "layers") \
         else None
-    flags = jnp.asarray([i in self.capture.layers for i in range(self.cfg.num_layers)])
-    kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
+    n = self.cfg.num_layers
+    flags = jnp.asarray([i in self.capture.layers for i in range(n)])
+    # The whole cache rides in the carry (updated in place, as in `_unrolled`).
+    carry = (x, None if cache is None else (cache["k"], cache["v"]))
 
-    def body(x, xs):
-      params, factors, flag, k, v = xs
+    def body(carry, xs):
+      x, kv = carry
+      params, factors, flag, i = xs
       variables = {"params": params, **({} if factors is None else {"lora": factors})}
-      kv = None if cache is None else (k, v, cache["lengths"])
+      kv = None if kv is None else (*kv, i, cache["lengths"])
       x, extras, new_kv = layer.apply(variables, x, positions, mask, visual_pos, kv, flag)
-      return x, (extras, new_kv)
+      return (x, new_kv), extras
 
     if self.remat:
       body = jax.checkpoint(body, policy=self._policy(), prevent_cse=False)
-    x, (extras, new_kv) = jax.lax.scan(body, x, (self.layers, lora, flags, *kv_in))
+    (x, new_kv), extras = jax.lax.scan(body, carry, (self.layers, lora, flags,
+                                                     jnp.arange(n)))
     return x, extras, new_kv
 
   def __call__(self, embeds, attention_mask=None, visual_pos=None, cache=None,
