@@ -337,7 +337,7 @@ def _official_kd(b: Bench) -> Bench:
 
 
 def _jax_side(preset: str, seq: int, batch: int | None, steps: int) -> dict:
-  """cdx's step measured as launch/torch_reference.py measures torch (same dict keys)."""
+  """cdx's step, measured by `torch_reference.measure` as the torch side is."""
   from launch import torch_reference  # pylint: disable=import-outside-toplevel
   probe = torch_reference.PeakRss()
   b = _official_kd(build(preset, seq, batch))
@@ -348,24 +348,15 @@ def _jax_side(preset: str, seq: int, batch: int | None, steps: int) -> dict:
   compiled = jitted.lower(state, frozen, teacher, data).compile()
   compile_s = time.perf_counter() - t0
   del b  # Only the device copies stay alive, as torch holds only its models.
-  rss_after_build, build_peak = probe.current(), probe.peak()
-  probe.reset()
-  times, first = [], None
-  for _ in range(steps):
-    t = time.perf_counter()
+
+  def step() -> float:
+    nonlocal state
     state, metrics = compiled(state, frozen, teacher, data)
-    loss = float(metrics["loss"])  # The host sync torch's loss.item() also does.
-    times.append(time.perf_counter() - t)
-    first = loss if first is None else first
-  step_peak = probe.peak()
-  bsz, length = data["input_ids"].shape
-  ms = 1e3 * statistics.median(times[1:] if steps > 1 else times)
-  return {"loss_first_step": first, "tokens_per_s": bsz * length / (ms / 1e3),
-          "ms_per_step": ms, "steps": steps, "batch": bsz, "seq": length,
-          "compile_s": round(compile_s, 1), "peak_rss_bytes": max(build_peak, step_peak),
-          "rss_after_build_bytes": rss_after_build,
-          "step_peak_bytes": step_peak - rss_after_build, "rss_method": probe.method,
-          "backend": jax.default_backend(), "jax": jax.__version__}
+    return float(metrics["loss"])  # The host sync torch's loss.item() also does.
+
+  row = torch_reference.measure(step, steps, probe, *data["input_ids"].shape)
+  return {**row, "compile_s": round(compile_s, 1), "backend": jax.default_backend(),
+          "jax": jax.__version__}
 
 
 def _run_jax_subprocess(preset: str, seq: int, batch: int | None, steps: int,
