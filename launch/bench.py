@@ -77,7 +77,10 @@ FORMULATIONS = tuple(LOSSES)
 GiB = 2**30
 LOSS_RTOL = 1e-3  # `step --against torch`: first-step losses of the two sides
 
-# mid: 4x the tiny widths, deeper teacher, 255 visual tokens, an 8k vocab.
+# The models of `mid` and `bench` are bench's own, not taken from configs/common.py, on
+# purpose: docs/PERFORMANCE.md records numbers measured on them, so they must not move when
+# a training preset does (the tiny and paper presets do come from configs/common.py).
+# mid: twice the tiny hidden and MLP widths, deeper teacher, 255 visual tokens, 8k vocab.
 MID_VISION = dict(image_size=128, patch_size=8, hidden_size=128, num_layers=2, num_heads=4,
                   mlp_dim=256)
 MID_TEACHER = dict(vocab_size=8192, hidden_size=256, num_layers=12, num_heads=8,
@@ -86,13 +89,12 @@ MID_TEACHER = dict(vocab_size=8192, hidden_size=256, num_layers=12, num_heads=8,
 MID_STUDENT = dict(vocab_size=8192, hidden_size=128, num_layers=8, num_heads=4,
                    num_kv_heads=2, head_dim=32, mlp_dim=256, rope_theta=10000.0,
                    tie_embeddings=True)
-# bench: the shape of the PyTorch comparison (`step --against torch`).
-BENCH_TEACHER = dict(vocab_size=16384, hidden_size=320, num_layers=14, num_heads=10,
-                     num_kv_heads=10, head_dim=32, mlp_dim=864, rope_theta=10000.0,
-                     tie_embeddings=False)
-BENCH_STUDENT = dict(vocab_size=16384, hidden_size=256, num_layers=8, num_heads=8,
-                     num_kv_heads=4, head_dim=32, mlp_dim=704, rope_theta=10000.0,
-                     tie_embeddings=True)
+# bench: the shape of the PyTorch comparison (`step --against torch`): mid's models (MHA
+# untied teacher, GQA tied student, head dim 32) wider, the teacher deeper, a 16k vocab.
+BENCH_TEACHER = dict(MID_TEACHER, vocab_size=16384, hidden_size=320, num_layers=14,
+                     num_heads=10, num_kv_heads=10, mlp_dim=864)
+BENCH_STUDENT = dict(MID_STUDENT, vocab_size=16384, hidden_size=256, num_heads=8,
+                     num_kv_heads=4, mlp_dim=704)
 DEFAULTS = {"tiny": (192, 16), "mid": (1024, 2), "bench": (512, 2),
             "paper": (1536, 1)}  # (seq, batch)
 SWEEP = (384, 512, 768, 1024, 1536, 2048)  # `step --sweep` lengths (Nv fixed)
@@ -335,7 +337,7 @@ def _official_kd(b: Bench) -> Bench:
 
 
 def _jax_side(preset: str, seq: int, batch: int | None, steps: int) -> dict:
-  """cdx's step measured as launch/torch_reference.py measures torch (same dict keys)."""
+  """cdx's step, measured by `torch_reference.measure` as the torch side is."""
   from launch import torch_reference  # pylint: disable=import-outside-toplevel
   probe = torch_reference.PeakRss()
   b = _official_kd(build(preset, seq, batch))
@@ -346,24 +348,15 @@ def _jax_side(preset: str, seq: int, batch: int | None, steps: int) -> dict:
   compiled = jitted.lower(state, frozen, teacher, data).compile()
   compile_s = time.perf_counter() - t0
   del b  # Only the device copies stay alive, as torch holds only its models.
-  rss_after_build, build_peak = probe.current(), probe.peak()
-  probe.reset()
-  times, first = [], None
-  for _ in range(steps):
-    t = time.perf_counter()
+
+  def step() -> float:
+    nonlocal state
     state, metrics = compiled(state, frozen, teacher, data)
-    loss = float(metrics["loss"])  # The host sync torch's loss.item() also does.
-    times.append(time.perf_counter() - t)
-    first = loss if first is None else first
-  step_peak = probe.peak()
-  bsz, length = data["input_ids"].shape
-  ms = 1e3 * statistics.median(times[1:] if steps > 1 else times)
-  return {"loss_first_step": first, "tokens_per_s": bsz * length / (ms / 1e3),
-          "ms_per_step": ms, "steps": steps, "batch": bsz, "seq": length,
-          "compile_s": round(compile_s, 1), "peak_rss_bytes": max(build_peak, step_peak),
-          "rss_after_build_bytes": rss_after_build,
-          "step_peak_bytes": step_peak - rss_after_build, "rss_method": probe.method,
-          "backend": jax.default_backend(), "jax": jax.__version__}
+    return float(metrics["loss"])  # The host sync torch's loss.item() also does.
+
+  row = torch_reference.measure(step, steps, probe, *data["input_ids"].shape)
+  return {**row, "compile_s": round(compile_s, 1), "backend": jax.default_backend(),
+          "jax": jax.__version__}
 
 
 def _run_jax_subprocess(preset: str, seq: int, batch: int | None, steps: int,

@@ -67,6 +67,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -126,6 +127,31 @@ class PeakRss:
           time.sleep(0.002)
       self._thread = threading.Thread(target=sample, daemon=True)
       self._thread.start()
+
+
+def measure(step: Callable[[], float], steps: int, probe: PeakRss, batch: int,
+            seq: int) -> dict:
+  """Runs `step` (one train step; returns its loss, read on the host) `steps` times, once
+  everything is built; `probe` has watched the process since before the build.
+
+  Both sides of `launch/bench.py step --against torch` measure through this, so alike.
+  Returns loss_first_step, tokens_per_s, ms_per_step, steps, batch, seq and the memory
+  keys, as the module docstring says.
+  """
+  rss_after_build, build_peak = probe.current(), probe.peak()
+  probe.reset()
+  times, losses = [], []
+  for _ in range(steps):
+    t = time.perf_counter()
+    losses.append(step())
+    times.append(time.perf_counter() - t)
+  step_peak = probe.peak()
+  ms = 1e3 * statistics.median(times[1:] if steps > 1 else times)
+  return {"loss_first_step": losses[0], "tokens_per_s": batch * seq / (ms / 1e3),
+          "ms_per_step": ms, "steps": steps, "batch": batch, "seq": seq,
+          "peak_rss_bytes": max(build_peak, step_peak),
+          "rss_after_build_bytes": rss_after_build,
+          "step_peak_bytes": step_peak - rss_after_build, "rss_method": probe.method}
 
 
 # ------------------------------------------------------------------ export (JAX side)
@@ -420,29 +446,20 @@ def _run(student_dir: str, teacher_dir: str, batch_path: str, steps: int,
   trainable = [p for p in student.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=spec["weight_decay"])
   batch = load_batch(batch_path)
-  rss_after_build, build_peak = probe.current(), probe.peak()
-  probe.reset()
-  times, first = [], None
-  for i in range(steps):
-    t0 = time.perf_counter()
+  first_terms = []
+
+  def step() -> float:
     loss, terms = compute_loss(student, teacher, batch, spec)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, spec["clip_norm"])
     opt.step()
     opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - t0)
-    if i == 0:
-      first = dict(terms, total=loss.item())
-  step_peak = probe.peak()
-  timed = times[1:] if steps > 1 else times
-  b, l = batch["input_ids"].shape
-  ms = 1e3 * statistics.median(timed)
-  return {"loss_first_step": first["total"], "loss_terms": first,
-          "tokens_per_s": b * l / (ms / 1e3), "ms_per_step": ms, "steps": steps,
-          "batch": b, "seq": l, "threads": threads,
-          "peak_rss_bytes": max(build_peak, step_peak),
-          "rss_after_build_bytes": rss_after_build,
-          "step_peak_bytes": step_peak - rss_after_build, "rss_method": probe.method,
+    if not first_terms:
+      first_terms.append(dict(terms, total=loss.item()))
+    return loss.item()
+
+  row = measure(step, steps, probe, *batch["input_ids"].shape)
+  return {**row, "loss_terms": first_terms[0], "threads": threads,
           "trainable_params": sum(p.numel() for p in trainable),
           "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 

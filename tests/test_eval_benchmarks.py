@@ -183,6 +183,33 @@ def test_sugarcrepe_flat_parquet_file(tmp_path):
     benchmarks.read_sugarcrepe_parquet(str(tmp_path / "data.parquet"))
 
 
+def test_read_sugarcrepe_dir(tmp_path):
+  """The folder reader: one subset per file, images from the folder it is given."""
+  root = tmp_path / "sugarcrepe"
+  _sugarcrepe_json(root)
+  got = benchmarks.read_sugarcrepe_dir(str(root), "/coco/val2017")
+  assert sorted(got) == ["add_att", "swap_obj"]
+  item = got["swap_obj"][1]
+  assert item["id"] == "7" and item["image"] == "/coco/val2017/000000000002.jpg"
+  assert "swap_obj.json" in item["source"] and "add_att.json" in got["add_att"][0]["source"]
+  with pytest.raises(ValueError, match="no SugarCrepe subset files"):
+    benchmarks.read_sugarcrepe_dir(str(tmp_path), "/coco")
+  _write(tmp_path / "bad" / "swap_att.json", {"1": {"filename": "x", "caption": "y"}})
+  with pytest.raises(ValueError, match="lacks field 'negative_caption'"):
+    benchmarks.read_sugarcrepe(str(tmp_path / "bad" / "swap_att.json"), "/coco")
+
+
+def test_file_source_tracks_content(tmp_path):
+  path = str(tmp_path / "a.json")
+  _write(path, {"x": 1})
+  first = benchmarks.file_source(path)
+  assert first.startswith(path) and f"({os.path.getsize(path)} bytes, sha1 " in first
+  _write(path, {"x": 2})
+  assert benchmarks.file_source(path) != first
+  with pytest.raises(ValueError, match="does not exist"):
+    benchmarks.file_source(str(tmp_path / "missing.json"))
+
+
 # ----------------------------------------------------------------------------- SugarCrepe++
 
 def test_sugarcrepe_pp_layout(tmp_path):
@@ -267,6 +294,21 @@ def test_pope_three_splits(tmp_path):
   _write(root / "coco" / "coco_pope_popular.json", '{"question_id": 1, "image": "x.jpg"\n')
   with pytest.raises(ValueError, match="coco_pope_popular.json'"):
     benchmarks.load("pope", str(root))
+
+
+def test_read_pope(tmp_path):
+  """One file (one record a line is read through load above): split from its name or given."""
+  recs = [{"question_id": n, "image": f"{n}.jpg", "text": "Is there a dog in the image?",
+           "label": label} for n, label in enumerate(("yes", "no"))]
+  path = str(tmp_path / "coco_pope_adversarial.json")
+  _write(path, json.dumps(recs, indent=1))   # a pretty-printed list reads the same
+  items = benchmarks.read_pope(path, "/coco")
+  assert [it["split"] for it in items] == ["adversarial"] * 2
+  assert items[1]["answer"] == "no" and items[1]["image"] == "/coco/1.jpg"
+  assert benchmarks.read_pope(path, "/coco", split="random")[1]["split"] == "random"
+  _write(path, [{**recs[0], "label": "maybe"}], lines=True)
+  with pytest.raises(ValueError, match="expected yes/no"):
+    benchmarks.read_pope(path, "/coco")
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -406,19 +448,110 @@ def test_mme_release_layout(tmp_path):
     benchmarks.load("mme", str(root))
 
 
+def test_read_vqav2_and_gqa(tmp_path):
+  _write(tmp_path / "q.json", {"data_subtype": "val2014", "questions": [
+      {"image_id": 42, "question": "What color?", "question_id": 420}]})
+  items = benchmarks.read_vqav2(str(tmp_path / "q.json"), "/img")
+  assert items[0]["image"] == "/img/COCO_val2014_000000000042.jpg"
+  assert "answers" not in items[0] and "q.json" in items[0]["source"]
+
+  _write(tmp_path / "gqa.json", {"201": {"imageId": "n123", "question": "Is it left?",
+                                         "answer": "yes"}})
+  g = benchmarks.read_gqa(str(tmp_path / "gqa.json"), "/gqa")
+  assert g[0]["id"] == "201" and g[0]["image"] == "/gqa/n123.jpg" and g[0]["answer"] == "yes"
+  assert scoring.evaluate_vqa(g, lambda it: ["Yes"])["accuracy"] == 1.0
+
+
+def test_read_textvqa_records_ocr_and_vizwiz(tmp_path):
+  _textvqa(tmp_path, llava=False, rosetta=True)
+  questions = str(tmp_path / "TextVQA_0.5.1_val.json")
+  plain = benchmarks.read_textvqa(questions, "/tv")
+  assert plain[0]["ocr"] is False and plain[0]["image"] == "/tv/abc.jpg"
+  with_ocr = benchmarks.read_textvqa(questions, "/tv",
+                                     str(tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json"))
+  assert with_ocr[0]["ocr"] is True and "Rosetta" in with_ocr[0]["source"]
+  assert scoring.evaluate_vqa(with_ocr, lambda it: ["Nikon"])["accuracy"] == 1.0
+
+  # VizWiz's test split has no answers (val.json is read through load above).
+  _write(tmp_path / "test.json", [{"image": "VizWiz_test_00000001.jpg", "question": "What?"}])
+  vw = benchmarks.read_vizwiz(str(tmp_path / "test.json"), "/vw")
+  assert vw[0]["image"] == "/vw/VizWiz_test_00000001.jpg" and "answers" not in vw[0]
+
+
+def test_read_mme_bare_folder(tmp_path):
+  """Subtask folders without the release's top folders; other folders are passed over."""
+  root = tmp_path / "MME"
+  _write(root / "existence" / "000.txt",
+         "Is there a dog? Please answer yes or no.\tYes\n"
+         "Is there a cat? Please answer yes or no.\tNo\n")
+  _write(root / "existence" / "000.png", "png")
+  _write(root / "notes" / "readme.txt", "not a subtask")
+  items = benchmarks.read_mme(str(root))
+  assert [it["answer"] for it in items] == ["yes", "no"]
+  assert items[0]["image"] == str(root / "existence" / "000.png")
+  out = scoring.evaluate_mme(items, lambda it: ["Yes"] * len(it))
+  # The cat question is wrong -> acc 1/2, acc+ 0 -> 50.
+  assert out["subtasks"]["existence"]["score"] == pytest.approx(50.0)
+  assert out["perception"] == pytest.approx(50.0)
+  _write(root / "count" / "1.txt", "How many? Please answer yes or no.\tTwo\n")
+  _write(root / "count" / "1.jpg", "jpg")
+  with pytest.raises(ValueError, match="question<TAB>Yes|No"):
+    benchmarks.read_mme(str(root))
+
+
 # ----------------------------------------------------------------------------- synthetic
 
-def test_synthetic_through_load(tmp_path):
-  out_dir = tmp_path / "world"
+def _synthetic_export(out_dir):
+  """The layout of cdx.data.synthetic.export: DIR/eval/*.json, image paths relative to DIR."""
   _write(out_dir / "eval" / "vqa.json", [
       {"question_id": 0, "image": "images/eval/vqa_000000.png",
-       "text": "What shape is red?" + SUFFIX, "answer": "cube"}])
-  _png(out_dir / "images" / "eval" / "vqa_000000.png")
-  ds = benchmarks.load("synthetic_vqa", str(out_dir / "eval"))
+       "text": "What shape is red?" + SUFFIX, "answer": "cube", "category": "shape"}])
+  _write(out_dir / "eval" / "sugarcrepe_swap_att.json", {"0": {
+      "filename": "images/eval/swap_att_000000.png", "caption": "a red cube and a blue ball",
+      "negative_caption": "a blue cube and a red ball"}})
+  _write(out_dir / "eval" / "winoground.json", [
+      {"id": 0, "image_0": "images/eval/winoground_000000_0.png",
+       "image_1": "images/eval/winoground_000000_1.png", "caption_0": "a cube left of a ball",
+       "caption_1": "a ball left of a cube", "tag": "relation"}])
+  for k, name in enumerate(("vqa_000000", "swap_att_000000", "winoground_000000_0",
+                            "winoground_000000_1")):
+    _png(out_dir / "images" / "eval" / f"{name}.png", k)
+
+
+def test_synthetic_through_load(tmp_path):
+  eval_dir = tmp_path / "world" / "eval"
+  _synthetic_export(tmp_path / "world")
+  ds = benchmarks.load("synthetic_vqa", str(eval_dir))
   assert ds.items[0]["uid"] == "synthetic_vqa/0" and ds.items[0]["answer"] == "cube"
   assert ds.items[0]["prompt"] == "What shape is red?" + SUFFIX
+  os.remove(eval_dir / "winoground.json")
   with pytest.raises(ValueError, match="no synthetic paired files"):
-    benchmarks.load("synthetic_paired", str(out_dir / "eval"))
+    benchmarks.load("synthetic_paired", str(eval_dir))
+
+
+def test_read_synthetic_export_layout(tmp_path):
+  _synthetic_export(tmp_path / "world")
+  got = benchmarks.read_synthetic(str(tmp_path / "world" / "eval"))
+  vqa = got["vqa"][0]
+  assert vqa["question"] == "What shape is red?"
+  assert vqa["prompt"] == "What shape is red?" + SUFFIX   # suffix not doubled
+  assert os.path.isfile(vqa["image"]) and vqa["answer"] == "cube"
+  sc = got["sugarcrepe"]["swap_att"][0]
+  assert os.path.isfile(sc["image"]) and sc["negative"] == "a blue cube and a red ball"
+  pair = got["paired"][0]
+  assert os.path.isfile(pair["image_1"]) and pair["tag"] == "relation"
+  assert scoring.evaluate_vqa(got["vqa"], lambda it: ["Cube"])["accuracy"] == 1.0
+
+  # The json without its images: the root cannot be found and must be given.
+  bare = tmp_path / "bare" / "eval"
+  _write(bare / "vqa.json", [{"question_id": 0, "image": "images/eval/vqa_000000.png",
+                              "text": "Which?", "answer": "cube"}])
+  with pytest.raises(ValueError, match="pass root="):
+    benchmarks.read_synthetic(str(bare))
+  given = benchmarks.read_synthetic(str(bare), root="/data/world")
+  assert given["vqa"][0]["image"] == "/data/world/images/eval/vqa_000000.png"
+  with pytest.raises(ValueError, match="no synthetic eval files"):
+    benchmarks.read_synthetic(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- errors

@@ -7,6 +7,7 @@ import pytest
 
 from cdx.eval import protocols
 from cdx.eval import results
+from cdx.eval import run
 from cdx.eval import scoring
 
 
@@ -117,3 +118,11 @@ def test_table_averages():
   assert a["VQA avg"] == "64.0" and a["CR avg"] == "51.7"
   assert b["VQA avg"] == "67.5 (4/5)" and b["CR avg"] == "62.5 (2/3)"
   assert b["vizwiz"] == "—" and a["mme"] == "1500.0"
+
+
+def test_entry_points_check_limit_and_batch_size():
+  """Both evaluate_* entry points refuse bad sizes before touching the model or data."""
+  with pytest.raises(ValueError, match=r"limit=0 must be >= 1 \(or None"):
+    results.evaluate_benchmark(None, None, ["option_likelihood"], "/nowhere", limit=0)
+  with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+    run.evaluate_synthetic(None, "/nowhere", batch_size=0)

@@ -12,7 +12,9 @@ import pytest
 from cdx import parallel
 from cdx import paths
 from cdx.models import mllm
+from cdx.models import qwen
 from cdx.train import lora as lora_lib
+from configs import common
 
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_OUT = r"attn/(q|k|v)", r"attn/o", r"mlp/(gate|up)", r"mlp/down"
 _OLD_RULES = (
@@ -49,17 +51,13 @@ def _old_specs(tree, mesh):
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-_TINY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, num_layers=3, num_heads=4,
-                    mlp_dim=128)
-_TINY_TEACHER = dict(vocab_size=1088, hidden_size=128, num_layers=8, num_heads=4,
-                     num_kv_heads=4, head_dim=32, mlp_dim=256, tie_embeddings=False)
-_TINY_STUDENT = dict(vocab_size=1024, hidden_size=64, num_layers=6, num_heads=4,
-                     num_kv_heads=2, head_dim=16, mlp_dim=128, tie_embeddings=True)
-_MODELS = {  # name: (vision, text, post_connector_in)
-    "tiny-teacher": (_TINY_VISION, _TINY_TEACHER, None),
-    "tiny-student": (_TINY_VISION, _TINY_STUDENT, 128),
-    "paper-teacher": ("so400m-patch14-384", "qwen1.5-4b", None),
-    "paper-student": ("so400m-patch14-384", "qwen1.5-1.8b", 2560),
+_MODELS = {  # name: (vision, text, post_connector_in): the presets' models.
+    "tiny-teacher": (common.TINY_VISION, common.TINY_TEACHER, None),
+    "tiny-student": (common.TINY_VISION, common.TINY_STUDENT,
+                     common.TINY_TEACHER["hidden_size"]),
+    "paper-teacher": (common.PAPER_VISION, common.PAPER_TEACHER, None),
+    "paper-student": (common.PAPER_VISION, common.PAPER_STUDENT,
+                      qwen.get_config(common.PAPER_TEACHER).hidden_size),
 }
 # Every layer linear of both stacks (vision fc1/fc2 included) and the paper's default.
 _LORA_TARGETS = (r"(vision|llm)/layers(_\d+)?/(attn|mlp)/.*/kernel",)

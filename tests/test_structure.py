@@ -67,11 +67,7 @@ LAZY: dict[tuple[str, str], str] = {
 }
 
 # path -> why it may be longer than MAX_LINES.
-LONG: dict[str, str] = {
-    "tests/test_eval_scoring.py":
-        "the scorers' cases, one section per benchmark like cdx/eval/scoring.py; "
-        "split it by benchmark before it grows further",
-}
+LONG: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------- reading

@@ -177,10 +177,7 @@ def evaluate_benchmark(model: run.Model, dataset, protocols: list[str], out_dir:
                        fresh: bool = False) -> dict[str, Any]:
   """Scores `dataset` (a `benchmarks.Dataset`) with each of `protocols` it supports and
   writes OUT/<benchmark>.json (see the module docstring); returns its content."""
-  if limit is not None and limit < 1:
-    raise ValueError(f"limit={limit} must be >= 1 (or None for every item).")
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  run.check_sizes(limit, batch_size)
   unknown = sorted(set(protocols) - set(protocols_lib.PROTOCOLS))
   if unknown:
     raise ValueError(f"unknown protocols {unknown}; expected some of "

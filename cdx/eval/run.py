@@ -213,6 +213,14 @@ def _take(items, limit):
   return list(items) if limit is None else list(items)[:limit]
 
 
+def check_sizes(limit: int | None, batch_size: int) -> None:
+  """The evaluate_* entry points' check of `limit` (None: every item) and `batch_size`."""
+  if limit is not None and limit < 1:
+    raise ValueError(f"limit={limit} must be >= 1 (or None for every item).")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+
+
 def evaluate_split(model: Model, eval_dir: str, limit: int | None = None,
                    batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS
                    ) -> tuple[dict, dict, dict, list[str]]:
@@ -248,10 +256,7 @@ def evaluate_synthetic(model: Model, data_dir: str, limit: int | None = None,
                        batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
                        records: bool = False) -> dict[str, Any]:
   """Seen and held-out results of `model` on the synthetic export in data_dir."""
-  if limit is not None and limit < 1:
-    raise ValueError(f"limit={limit} must be >= 1 (or None for every item).")
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  check_sizes(limit, batch_size)
   found = {split: os.path.join(data_dir, sub) for split, sub in SPLITS.items()
            if os.path.isdir(os.path.join(data_dir, sub))}
   if not found:
