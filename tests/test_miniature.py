@@ -203,7 +203,8 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   Checks the pipeline, not the result. The stages the shared tiny chain already trained
   are taken from it; every row with one student seed, then a second seed of the SFT row
   on the same workdir, which reuses everything the first run made. (The statistics over
-  several seeds of every row: test_summarize_over_seeds_pairs_items_and_gives_the_gap_...)"""
+  several seeds of every row: test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure.)
+  """
   from launch import miniature
   work = tmp_path / "mini"
   seed = _seed_from_chain(tmp_path_factory, work)
