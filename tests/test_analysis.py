@@ -16,7 +16,11 @@ def _model(hidden, layers, seed):
                                       num_heads=2, num_kv_heads=2, head_dim=8,
                                       mlp_dim=2 * hidden), image_token_id=5, pad_token_id=0,
                          eos_token_id=1)
-  return cfg, mllm.init_params(cfg, jax.random.key(seed))
+  return cfg, jax.jit(mllm.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+
+
+# Jitted: op by op, every op of the model would compile on its own.
+_forward = jax.jit(mllm.forward, static_argnums=0, static_argnames="attn_layers")
 
 
 def test_visual_attention_equals_each_models_captured_maps():
@@ -31,8 +35,8 @@ def test_visual_attention_equals_each_models_captured_maps():
   s_maps, t_maps = attention.visual_attention(s_cfg, s, t_cfg, t, batch, (0, 1), (2,))
   assert s_maps.shape == (2, 2, 3, 3) and t_maps.shape == (1, 2, 3, 3)  # Image rows only.
   rows = np.array([0, 2])
-  _, s_ref = mllm.forward(s_cfg, s, ids[rows], pixels[rows], mask[rows], attn_layers=(0, 1))
-  _, t_ref = mllm.forward(t_cfg, t, ids[rows], pixels[rows], mask[rows], attn_layers=(2,))
+  _, s_ref = _forward(s_cfg, s, ids[rows], pixels[rows], mask[rows], attn_layers=(0, 1))
+  _, t_ref = _forward(t_cfg, t, ids[rows], pixels[rows], mask[rows], attn_layers=(2,))
   np.testing.assert_allclose(s_maps, s_ref["visual_attn"], atol=1e-6)
   np.testing.assert_allclose(t_maps, t_ref["visual_attn"], atol=1e-6)
   with pytest.raises(ValueError, match="no image"):

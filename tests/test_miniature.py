@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -54,6 +55,60 @@ def test_gap_closure():
   assert g["dropped_rounds"] == 0
 
 
+def _fake_eval(items: dict, vqa: float) -> dict:
+  """A record as `miniature.evaluate` writes it, from per-item CR scores."""
+  split = lambda s: {"overall": float(np.mean([v for k, v in items.items()
+                                               if k.startswith(s)])),
+                     "by_order": {"pos_first": 0.5, "pos_second": 0.5}}
+  gen = {"cr": 0.5, "unparsed_rate": 0.25, "by_order": {"pos_first": 0.5, "pos_second": 0.5},
+         "vqa": vqa}
+  return {"items": items, "cr": {"seen": split("seen"), "heldout": split("heldout")},
+          "generate": {"seen": dict(gen), "heldout": dict(gen)}}
+
+
+def test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure():
+  """launch/miniature.py's statistics over two student seeds (the end-to-end --quick test
+  below scores only the SFT row with a second seed)."""
+  from launch import miniature
+  keys = [f"{s}/att/{i}" for s in ("seen", "heldout") for i in range(40)]
+  rng = np.random.default_rng(0)
+  level = {"teacher": 0.9, "sft": 0.5, "kd": 0.6, "compodistill": 0.8}
+  evals = {row: [_fake_eval({k: float(rng.random() < p) for k in keys}, p)
+                 for _ in range(1 if row == "teacher" else 2)] for row, p in level.items()}
+  blind = _fake_eval({k: 0.5 for k in keys}, 0.1)
+  s = miniature.summarize(evals, {}, blind, rounds=200)
+  assert s["items"] == len(keys) and set(s["rows"]) == set(level)
+  for row, runs in evals.items():
+    r = s["rows"][row]
+    per_seed = [np.mean(list(e["items"].values())) for e in runs]
+    assert r["seeds"] == len(runs) and r["per_seed_cr"] == pytest.approx(per_seed)
+    assert r["cr"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert r["cr"]["std"] == pytest.approx(np.std(per_seed, ddof=1) if len(runs) > 1 else 0)
+    assert r["vqa_seen"]["mean"] == pytest.approx(level[row])
+  # Pairs over items, the scores averaged over seeds; only rows that were run.
+  assert set(s["pairs"]) == {"teacher - sft", "kd - sft", "compodistill - kd",
+                             "compodistill - sft"}
+  mean = lambda row: np.mean([[e["items"][k] for k in keys] for e in evals[row]], axis=0)
+  assert s["pairs"]["kd - sft"]["diff"] == pytest.approx(np.mean(mean("kd") - mean("sft")))
+  g = s["gap_closure"]
+  assert len(g["per_seed"]) == 2 and g["seed_summary"]["n"] == 2
+  assert g["per_seed"][1] == pytest.approx(compare.gap_closure(
+      *(np.mean(list(evals[r][i]["items"].values())) for r, i in
+        (("compodistill", 1), ("kd", 1), ("teacher", 0)))))
+  assert g["lo"] <= g["closure"] <= g["hi"]
+  assert s["blind"]["cr"] == 0.5 and s["blind"]["vqa_seen"] == 0.1
+  gate = {"checks": {"teacher_vqa": 0.9}, "thresholds": miniature.GATE, "passed": True}
+  text = miniature.markdown(s, {"quick": False, "command": "c", "wall_s": 1.0,
+                                "seeds": [0, 1], "gate": gate})
+  kd = s["rows"]["kd"]["cr"]
+  assert f"| kd | 2 | {kd['mean']:.3f} ± {kd['std']:.3f} |" in text
+  assert "SMOKE" not in text and f"{g['closure']:.3f}" in text
+  # A row scored on other items than the teacher's is refused.
+  evals["kd"][1] = _fake_eval({k: 1.0 for k in keys[:-1]}, 0.6)
+  with pytest.raises(SystemExit, match="row kd: scored other items"):
+    miniature.summarize(evals, {}, blind, rounds=10)
+
+
 # -------------------------------------------------------------------- gradient share
 
 @pytest.mark.slow  # Six gradient compiles: ~2 min on 2 busy cores.
@@ -87,44 +142,104 @@ def test_attention_gradient_norm_scales_with_its_weight_alone():
 
 # ---------------------------------------------------------------------- end to end
 
-@pytest.mark.slow
-def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
-  """--quick: every row trains (2 steps) and is scored; the JSON, table and plots exist.
-  Checks the pipeline, not the result."""
-  from launch import miniature
-  work = tmp_path / "mini"
+def _miniature(work, tmp_path_factory, *flags):
   with launcher.compile_cache_env(tmp_path_factory):
     out = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
-                          f"--workdir={work}", "--seeds=0,1"], cwd=launcher.ROOT,
+                          f"--workdir={work}", *flags], cwd=launcher.ROOT,
                          capture_output=True, text=True, timeout=2400,
                          env=launcher.subprocess_env())
   assert out.returncode == 0, out.stderr[-4000:]
   with open(work / "miniature.json") as f:
-    result = json.load(f)
+    return out, json.load(f)
+
+
+def _finished(work) -> dict:
+  """mtime of every DONE and cached score under work (links to shared folders not followed)."""
+  return {os.path.join(d, n): os.path.getmtime(os.path.join(d, n))
+          for d, _, files in os.walk(work) for n in files
+          if n == "DONE" or n.startswith("miniature_eval")}
+
+
+def _seed_from_chain(tmp_path_factory, work) -> int:
+  """Copies the shared tiny chain's stages into `work` as the miniature's own: its world and
+  teacher (data, pretrain, finetune) and one student seed's first stages (pretrain_student,
+  dpt). The chain is trained with --quick's flags and the configs' seed; returns that seed.
+  Copies, not links: the miniature writes beside them, the chain stays unchanged."""
+  from launch import miniature
+  chain = launcher.tiny_chain(tmp_path_factory)
+  quiet = {"--config.log.progress=False", "--upstream.log.progress=False"}
+  assert set(miniature.QUICK) == set(launcher.SHORT) - quiet  # The same stages.
+  seed = json.load(open(os.path.join(chain, "dpt", "config.json")))["seed"]
+  copy = lambda name, to: shutil.copytree(os.path.join(chain, name), work / to / name,
+                                          ignore=shutil.ignore_patterns("LOCK"))
+  for name in ("data", "pretrain", "finetune"):
+    copy(name, "teacher")
+  for name in ("pretrain_student", "dpt"):
+    copy(name, f"seed{seed}")
+  return seed
+
+
+def _miniature(work, tmp_path_factory, *flags):
+  with launcher.compile_cache_env(tmp_path_factory):
+    out = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
+                          f"--workdir={work}", *flags], cwd=launcher.ROOT,
+                         capture_output=True, text=True, timeout=2400,
+                         env=launcher.subprocess_env())
+  assert out.returncode == 0, out.stderr[-4000:]
+  with open(work / "miniature.json") as f:
+    return out, json.load(f)
+
+
+def _finished(work) -> dict:
+  """mtime of every DONE and cached score under work (links to shared folders not followed)."""
+  return {os.path.join(d, n): os.path.getmtime(os.path.join(d, n))
+          for d, _, files in os.walk(work) for n in files
+          if n == "DONE" or n.startswith("miniature_eval")}
+
+
+@pytest.mark.slow
+def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
+  """--quick: every row trains (2 steps) and is scored; the JSON, table and plots exist.
+  Checks the pipeline, not the result. The stages the shared tiny chain already trained
+  are taken from it; every row with one student seed, then a second seed of the SFT row
+  on the same workdir, which reuses everything the first run made. (The statistics over
+  several seeds of every row: test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure.)
+  """
+  from launch import miniature
+  work = tmp_path / "mini"
+  seed = _seed_from_chain(tmp_path_factory, work)
+  _, result = _miniature(work, tmp_path_factory, f"--seeds={seed}")
   rows = result["summary"]["rows"]
   assert set(rows) == set(miniature.ROWS)
-  assert all(rows[r]["seeds"] == 2 for r in miniature.STUDENTS) and rows["teacher"]["seeds"] == 1
+  assert all(r["seeds"] == 1 for r in rows.values())
   for r in rows.values():
     assert 0 <= r["cr"]["mean"] <= 1 and 0 <= r["gen_unparsed"]["mean"] <= 1
   assert set(result["meta"]["gate"]["checks"]) == set(miniature.GATE)
   assert result["meta"]["attention_share"]["batches"] == 4
   assert result["summary"]["gap_closure"] is not None
   assert {"kd - sft", "compodistill - kd"} <= set(result["summary"]["pairs"])
+  assert set(result["similarity"]) == {"sft", "kd", "compodistill"}
   for path in result["plots"]:
     assert os.path.getsize(path) > 1000
   assert "SMOKE RUN" in (work / "miniature.md").read_text()
-  # Seeds differ (their own student folders); the world and the teacher are shared.
-  per_seed = [json.load(open(work / f"seed{s}" / "sft" / "config.json"))["seed"]
-              for s in (0, 1)]
-  assert per_seed == [0, 1]
-  assert os.path.realpath(work / "seed1" / "finetune") == str(work / "teacher" / "finetune")
-  # Resumable: a second run trains nothing and reuses every score.
-  again = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
-                          f"--workdir={work}", "--seeds=0,1"], cwd=launcher.ROOT,
-                         capture_output=True, text=True, timeout=2400,
-                         env=launcher.subprocess_env())
-  assert again.returncode == 0, again.stderr[-4000:]
+  for stage in ("finetune_student", "sft_kd", "sft_novat", "sft_vat", "sft"):  # Trained here.
+    assert json.load(open(work / f"seed{seed}" / stage / "DONE"))["steps"] == 2, stage
+
+  # Resumable: a second run retrains and rescores nothing it has; a new seed gets its own
+  # student folders, and the world and the teacher are shared.
+  before = _finished(work)
+  again, result = _miniature(work, tmp_path_factory, f"--seeds={seed},1", "--rows=teacher,sft")
   assert "already finished" in again.stdout
+  after = _finished(work)
+  assert {k: after[k] for k in before} == before
+  assert any(f"{os.sep}seed1{os.sep}" in k for k in set(after) - set(before))
+  rows = result["summary"]["rows"]
+  assert set(rows) == {"teacher", "sft"}
+  assert rows["sft"]["seeds"] == 2 and rows["teacher"]["seeds"] == 1
+  per_seed = [json.load(open(work / f"seed{s}" / "finetune_student" / "config.json"))["seed"]
+              for s in (seed, 1)]
+  assert per_seed == [seed, 1]
+  assert os.path.realpath(work / "seed1" / "finetune") == str(work / "teacher" / "finetune")
 
 
 # ------------------------------------------------------------- the tiny preset's tower
