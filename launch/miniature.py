@@ -174,6 +174,31 @@ def check_gate(teacher: dict, blind: dict, sft: dict) -> dict:
   return {"checks": checks, "thresholds": GATE, "passed": not failed, "failed": failed}
 
 
+def grounding(model_dir: str, data: str, n: int) -> dict:
+  """The model's loss per token with real / grey / another sample's image
+  (`cdx.analysis.grounding`) on the last n captions (stage 0's template) and instruction
+  samples of the world: whether it reads the image at all."""
+  from cdx.analysis import grounding as grounding_lib
+  from cdx.data import pipeline, templates
+  from cdx.eval import run as eval_run
+  m = eval_run.load_model(model_dir, data_dir=data)
+  load = eval_run._pixels_loader(m)  # pylint: disable=protected-access
+  nv = eval_run.mllm.num_visual_tokens(m.cfg)
+  out = {}
+  for kind, template in (("pretrain", "pretrain"), ("instruct", m.template)):
+    with open(os.path.join(data, kind + ".json")) as f:
+      records = [r for r in json.load(f) if r.get("image")][-n:]
+    examples = [{**templates.encode(templates.conversation_from_llava(r["conversations"], True),
+                                    m.tokenizer, template, nv),
+                 "pixel_values": load(os.path.join(data, r["image"])), "has_image": True}
+                for r in records]
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = pipeline.pad_batch(examples, len(examples), length, m.ids.pad,
+                               m.cfg.vision.image_size)
+    out[kind] = grounding_lib.image_reliance(m.cfg, m.params, batch)
+  return out
+
+
 # ------------------------------------------------------------------ gradient share, layers
 
 def attention_share(workdir: str, common: list[str], batches: int) -> dict:
@@ -319,6 +344,10 @@ def markdown(summary: dict, meta: dict) -> str:
   gate = meta["gate"]
   lines += ["", f"Gate: {'passed' if gate['passed'] else 'FAILED'} " + ", ".join(
       f"{k} = {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["checks"].items())]
+  if "teacher_grounding" in gate:
+    lines.append("Teacher loss per token, real / grey / another sample's image: " + "; ".join(
+        f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"
+        for k, v in gate["teacher_grounding"].items()) + ".")
   share = meta.get("attention_share")
   if share:
     lines.append(f"Attention term at DFT start: |g_attn| / |g_lm+kd| = {share['ratio']:.3f} at "
@@ -421,12 +450,16 @@ def main(argv=None) -> int:
   sft0 = score(train(ROWS["sft"], main_dir,
                      common + [f"--config.seed={seeds[0]}", f"--upstream.seed={seeds[0]}"]))
   gate = check_gate(teacher, blind, sft0)
+  gate["teacher_grounding"] = grounding(os.path.join(teacher_dir, "finetune"), data,
+                                        16 if args.quick else 256)
   meta = {"command": "python launch/miniature.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),
           "quick": args.quick, "seeds": seeds, "rows": rows, "cr_limit": cr_limit,
           "gen_limit": gen_limit, "gate": gate, "student_overrides": args.student_override}
-  print(f"[miniature] gate: {'passed' if gate['passed'] else 'FAILED'} {gate['checks']}",
-        flush=True)
+  print(f"[miniature] gate: {'passed' if gate['passed'] else 'FAILED'} {gate['checks']}; "
+        f"teacher loss per token with real / grey / another image: " + ", ".join(
+            f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"
+            for k, v in gate["teacher_grounding"].items()), flush=True)
   if not gate["passed"] and not args.quick:
     meta["wall_s"] = time.time() - t_start
     with open(os.path.join(work, out_name + ".json"), "w") as f:
