@@ -26,10 +26,13 @@ accumulation in the step, `step.make_train_step`), so one pass holds batch/micro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
 import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
 
 from cdx import parallel
 from cdx import paths as paths_lib
@@ -165,6 +168,24 @@ def topology_devices(topology: str):
                      "pip install -r requirements-tpu.txt).") from None
 
 
+def topology_mesh(sizes: dict, devices) -> Mesh:
+  """The ("data", "fsdp", "tensor") mesh of `sizes` over a topology's devices.
+
+  The compile-only v4 topology lists each of a chip's two TensorCores as a device, and
+  jax's physical mesh builder refuses that ("requires one device per chip"). There the
+  devices are laid out by (chip coords, core): a chip's two cores are neighbours on the
+  innermost mesh axis of size > 1."""
+  if len({tuple(d.coords) for d in devices}) == len(devices):
+    return parallel.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+  shape = tuple(sizes[a] for a in parallel.AXES)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"--mesh data*fsdp*tensor = {math.prod(shape)} does not equal the "
+                     f"topology's {len(devices)} devices (one per TensorCore here).")
+  ordered = sorted(devices, key=lambda d: (tuple(d.coords), d.core_on_chip))
+  return Mesh(np.array(ordered).reshape(shape), parallel.AXES,
+              axis_types=(AxisType.Auto,) * len(shape))
+
+
 def compile_step(build, preset: str, topology: str, mesh_spec: str, batch: int,
                  micro_batches: int, seq: int | None, formulation: str,
                  models=None) -> dict:
@@ -174,7 +195,7 @@ def compile_step(build, preset: str, topology: str, mesh_spec: str, batch: int,
   chip = chip_of(topology)
   devices = topology_devices(topology)
   sizes = parse_mesh(mesh_spec)
-  mesh = parallel.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+  mesh = topology_mesh(sizes, devices)
   shards = sizes["data"] * sizes["fsdp"]
   if batch % micro_batches:
     raise ValueError(f"--batch={batch} is not divisible by --micro-batches={micro_batches}.")

@@ -102,3 +102,20 @@ def test_compiles_for_a_tpu_topology():
     assert row["fits"] and row["hbm_per_chip"] > 0
     assert row["global_batch"] == 8 and row["tokens_per_step"] == 8 * 96
   assert fsdp["memory_per_device"]["argument"] < data["memory_per_device"]["argument"]
+
+
+def test_v4_mesh_puts_a_chips_two_cores_side_by_side():
+  """With libtpu: v4's compile-only topology has a device per TensorCore (two per chip),
+  which jax's physical mesh builder refuses; `topology_mesh` pairs a chip's cores on the
+  innermost axis instead, and still refuses a mesh of the wrong size."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (optional: pip install -r requirements-tpu.txt)")
+  devices = tpu_compile.topology_devices("v4:2x2x1")
+  assert len(devices) == 8 and len({tuple(d.coords) for d in devices}) == 4
+  mesh = tpu_compile.topology_mesh({"data": 1, "fsdp": 4, "tensor": 2}, devices)
+  assert mesh.devices.shape == (1, 4, 2) and set(mesh.devices.flat) == set(devices)
+  for pair in mesh.devices.reshape(4, 2):
+    assert pair[0].coords == pair[1].coords  # One chip per tensor pair.
+  assert len({tuple(p.coords) for p in mesh.devices.reshape(4, 2)[:, 0]}) == 4
+  with pytest.raises(ValueError, match="--mesh"):
+    tpu_compile.topology_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices)
