@@ -5,7 +5,7 @@ CompoDistill on the synthetic world, several seeds, with a gate, baselines and s
                              [--cr_limit=500] [--gen_limit=50] [--quick]
 
 Rows (configs/registry.py builds each final stage folder with its upstream stages):
-  teacher       pretrain -> finetune (TEACHER_STEPS)              LM only, the larger model
+  teacher       pretrain -> finetune (TEACHER_STEPS each)         LM only, the larger model
   sft           pretrain_student -> finetune_student              LM only ("SFT" row)
   kd            pretrain_student -> dpt_kd -> dft_kd -> sft_kd    LM + logit KD, own adapter
                                                                   (LLaVA-KD style)
@@ -70,9 +70,9 @@ ROWS = {  # row -> the stage folder of its final model
 }
 STUDENTS = [r for r in ROWS if r != "teacher"]
 SHARED = ("data", "vision", "pretrain", "finetune")  # linked into every seed's workdir
-# The teacher's instruction steps here. The tiny preset's 120 (enough for the main command's
-# pipeline) leave the teacher at seen VQA 0.10, answering "A" to every two-choice question
-# (docs/RESULTS.md, "The teacher"); the gate needs a teacher that has learnt the world.
+# The teacher's steps here, in stage 0 (captions) and in instruction tuning. The tiny
+# preset's 120 + 120 (enough for the main command's pipeline) leave a teacher that does not
+# read the image (docs/RESULTS.md, "Results"); 1,000 caption steps teach it to.
 TEACHER_STEPS = 1000
 GATE = {"teacher_vqa": 0.85, "image_worth": 0.40, "cr_lead": 0.10}
 COMPARE = [("teacher", "sft"), ("kd", "sft"), ("taf", "kd"), ("vat", "kd"),
@@ -433,7 +433,8 @@ def main(argv=None) -> int:
                                        args.batch_size, gen)
 
   # The teacher chain, once; the blind copy of the eval sets; the baselines without a model.
-  teacher_steps = [] if args.quick else [f"--config.total_steps={TEACHER_STEPS}"]
+  teacher_steps = [] if args.quick else [f"--config.total_steps={TEACHER_STEPS}",
+                                          f"--upstream.total_steps={TEACHER_STEPS}"]
   teacher = score(train("finetune", teacher_dir, common + teacher_steps))
   blind_data = baselines.blind_export(data, data + "_blind")
   blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, tokenizer, cr_limit,
