@@ -142,24 +142,6 @@ def test_attention_gradient_norm_scales_with_its_weight_alone():
 
 # ---------------------------------------------------------------------- end to end
 
-def _miniature(work, tmp_path_factory, *flags):
-  with launcher.compile_cache_env(tmp_path_factory):
-    out = subprocess.run([sys.executable, "launch/miniature.py", "--quick",
-                          f"--workdir={work}", *flags], cwd=launcher.ROOT,
-                         capture_output=True, text=True, timeout=2400,
-                         env=launcher.subprocess_env())
-  assert out.returncode == 0, out.stderr[-4000:]
-  with open(work / "miniature.json") as f:
-    return out, json.load(f)
-
-
-def _finished(work) -> dict:
-  """mtime of every DONE and cached score under work (links to shared folders not followed)."""
-  return {os.path.join(d, n): os.path.getmtime(os.path.join(d, n))
-          for d, _, files in os.walk(work) for n in files
-          if n == "DONE" or n.startswith("miniature_eval")}
-
-
 def _seed_from_chain(tmp_path_factory, work) -> int:
   """Copies the shared tiny chain's stages into `work` as the miniature's own: its world and
   teacher (data, pretrain, finetune) and one student seed's first stages (pretrain_student,
