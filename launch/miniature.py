@@ -183,13 +183,18 @@ def check_gate(teacher: dict, blind: dict, sft: dict) -> dict:
 def grounding(model_dir: str, data: str, n: int) -> dict:
   """The model's loss per token with real / grey / another sample's image
   (`cdx.analysis.grounding`) on the last n captions (stage 0's template) and instruction
-  samples of the world: whether it reads the image at all."""
+  samples of the world, overall and per word class (colour, shape, size, relation, count
+  words as targets): whether it reads the image at all, and which attributes."""
   from cdx.analysis import grounding as grounding_lib
   from cdx.data import pipeline, templates
+  from cdx.data.synthetic import text
   from cdx.eval import run as eval_run
   m = eval_run.load_model(model_dir, data_dir=data)
   load = eval_run._pixels_loader(m)  # pylint: disable=protected-access
   nv = eval_run.mllm.num_visual_tokens(m.cfg)
+  words = {i: m.tokenizer.decode([i]).strip() for i in range(len(m.tokenizer))}
+  classes = {c: [i for i, w in words.items() if w in names]
+             for c, names in text.WORD_CLASSES.items()}
   out = {}
   for kind, template in (("pretrain", "pretrain"), ("instruct", m.template)):
     with open(os.path.join(data, kind + ".json")) as f:
@@ -201,7 +206,7 @@ def grounding(model_dir: str, data: str, n: int) -> dict:
     length = max(len(e["input_ids"]) for e in examples)
     batch = pipeline.pad_batch(examples, len(examples), length, m.ids.pad,
                                m.cfg.vision.image_size)
-    out[kind] = grounding_lib.image_reliance(m.cfg, m.params, batch)
+    out[kind] = grounding_lib.image_reliance(m.cfg, m.params, batch, token_classes=classes)
   return out
 
 
@@ -354,6 +359,9 @@ def markdown(summary: dict, meta: dict) -> str:
     lines.append("Teacher loss per token, real / grey / another sample's image: " + "; ".join(
         f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"
         for k, v in gate["teacher_grounding"].items()) + ".")
+    lines.append("Per target word (captions), real / another image: " + "; ".join(
+        f"{c} {v['real']:.3f} / {v['other']:.3f}" for c, v in
+        gate["teacher_grounding"]["pretrain"].get("classes", {}).items() if v["tokens"]) + ".")
   share = meta.get("attention_share")
   if share:
     lines.append(f"Attention term at DFT start: |g_attn| / |g_lm+kd| = {share['ratio']:.3f} at "

@@ -52,3 +52,21 @@ def test_bad_batches_are_refused(model):
   unsupervised = dict(_batch(cfg), labels=np.full((4, mllm.num_visual_tokens(cfg) + 6), -100))
   with pytest.raises(ValueError, match="no supervised tokens"):
     grounding.image_reliance(cfg, params, unsupervised)
+
+
+def test_token_classes_split_the_same_losses(model):
+  cfg, params = model
+  batch = _batch(cfg)
+  targets = batch["labels"][:, 1:]
+  low = [int(t) for t in np.unique(targets[targets >= 0]) if t < 30]
+  out = grounding.image_reliance(cfg, params, batch, token_classes={"low": low, "none": [999]})
+  c = out["classes"]
+  assert c["low"]["tokens"] == int(np.isin(targets, low).sum()) > 0
+  assert c["none"] == {"real": None, "grey": None, "other": None, "tokens": 0}
+  # Each class's mean is the mean of its tokens: low + the rest recombine to the total.
+  rest = grounding.image_reliance(
+      cfg, params, batch, token_classes={"rest": [t for t in range(200) if t not in low]})
+  r = rest["classes"]["rest"]
+  for k in ("real", "grey", "other"):
+    total = (c["low"][k] * c["low"]["tokens"] + r[k] * r["tokens"]) / out["tokens"]
+    np.testing.assert_allclose(total, out[k], rtol=1e-5)

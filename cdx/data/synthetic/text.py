@@ -40,6 +40,10 @@ from cdx.data.synthetic.grammar import NP, Rel
 VQA_SUFFIX = prompts.VQA_SUFFIX
 SUGARCREPE_SUBSETS = contrast.SUBSETS
 NUMBERS = ("0", "1", "2", "3", "4")
+# The world's words by what they name: per-class diagnostics (cdx.analysis.grounding).
+WORD_CLASSES = {"color": tuple(world.COLORS),
+                "shape": world.SHAPES + tuple(world.PLURALS.values()),
+                "size": world.SIZES, "relation": world.RELATIONS, "count": NUMBERS}
 _STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4,
             **{f"sugarcrepe_{s}": 10 + i for i, s in enumerate(SUGARCREPE_SUBSETS)}}
 
