@@ -7,6 +7,8 @@ build 8-device meshes; unsharded tests simply run on device 0. Launcher subproce
 import os
 import sys
 
+import pytest
+
 # Fake devices are threads of one process; on a loaded 2-core machine one can be starved
 # for longer than XLA's default 40 s collective rendezvous, which aborts the process.
 os.environ.setdefault("XLA_FLAGS", " ".join([
@@ -22,9 +24,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
