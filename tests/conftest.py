@@ -7,6 +7,8 @@ build 8-device meshes; unsharded tests simply run on device 0. Launcher subproce
 import os
 import sys
 
+import pytest
+
 # Fake devices are threads of one process; on a loaded 2-core machine one can be starved
 # for longer than XLA's default 40 s collective rendezvous, which aborts the process.
 os.environ.setdefault("XLA_FLAGS", " ".join([
@@ -22,3 +24,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _persistent_compile_cache(tmp_path_factory):
+  """The run's persistent XLA compilation cache (tests/launcher.py), used in-process too:
+  many tests compile the same step or forward (test_step's setup, the tiny presets), and
+  with it each distinct program compiles once per run, not once per test and xdist worker.
+  Only compiles over a second are stored; cached executables run as compiled ones."""
+  import jax
+  from jax._src import compilation_cache
+  from tests import launcher
+  with launcher.shared_dir(tmp_path_factory, "jax_cache") as path:
+    pass
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  compilation_cache.reset_cache()
+  yield

@@ -1,6 +1,7 @@
-"""launch/analyze.py on the tiny chain (teacher `finetune`, students `dft` and
-`pretrain_student`): the similarity table, the bins, the intervention result and the PNGs;
-plus the pure pieces of cdx/eval/diagnostics.py."""
+"""launch/analyze.py: its outputs (`check_results`, applied to the diagnostics notebook's
+run on the tiny chain in tests/test_notebook.py: teacher `finetune`, students `dft` and
+`pretrain_student`), its command line, the intervention on the chain's models, and the
+pure pieces of cdx/eval/diagnostics.py."""
 import json
 import os
 import subprocess
@@ -49,34 +50,25 @@ def test_units_of_every_item_kind():
     diagnostics.units_of([{"id": 1}])
 
 
-@pytest.mark.slow
-def test_analyze_writes_tables_bins_intervention_and_pngs(tmp_path_factory, tmp_path):
-  workdir = launcher.tiny_chain(tmp_path_factory)
-  out = tmp_path / "analysis"
-  with launcher.compile_cache_env(tmp_path_factory):
-    run = subprocess.run(
-        [sys.executable, "launch/analyze.py", f"--teacher={workdir}/finetune",
-         f"--student={workdir}/dft,{workdir}/pretrain_student",
-         "--benchmark=synthetic_sugarcrepe", f"--data=synthetic={workdir}/data/eval",
-         "--limit=4", "--batch_size=4", "--bins=2", "--heatmaps=2", f"--out={out}"],
-        cwd=launcher.ROOT, capture_output=True, text=True, timeout=900,
-        env=launcher.subprocess_env())
-  assert run.returncode == 0, run.stderr[-4000:]
-  d = out / "synthetic_sugarcrepe"
+def check_results(d, students, items, bins):
+  """launch/analyze.py's files in d (one benchmark, a likelihood protocol): the similarity
+  table of every student, the bins, the intervention result and the PNGs. (The run with
+  two students: tests/test_notebook.py's diagnostics notebook, on the shared tiny chain.)"""
   sim = json.loads((d / "similarity.json").read_text())
-  assert set(sim["students"]) == {"dft", "pretrain_student"}
+  assert set(sim["students"]) == set(students)
   for s in sim["students"].values():
     m = np.asarray(s["matrix"])
     assert m.shape == (6, 8)  # tiny student 6 layers x tiny teacher 8 layers
     assert np.all(np.abs(m) <= 1 + 1e-5) and np.isfinite(m).all()
     assert len(s["student_layers"]) == len(s["teacher_groups"]) > 0
   assert "| student \\ teacher |" in (d / "similarity.md").read_text()
-  bins = json.loads((d / "bins.json").read_text())
-  for b in bins["students"].values():
-    assert sum(x["count"] for x in b["bins"]) == 4 and len(b["bins"]) == 2
+  got = json.loads((d / "bins.json").read_text())
+  for b in got["students"].values():
+    assert sum(x["count"] for x in b["bins"]) == items and len(b["bins"]) == bins
     assert all(0 <= x["accuracy"] <= 1 for x in b["bins"])
-  assert len(bins["samples"]["dft"]) == 4
+  assert all(len(got["samples"][s]) == items for s in students)
   inter = json.loads((d / "intervention.json").read_text())
+  assert set(inter["students"]) == set(students)
   for r in inter["students"].values():
     assert set(r["accuracy"]) == {"none", "average", "teacher"}
     assert r["delta"]["none"] == 0 and r["protocol"] == "sugarcrepe/option_likelihood"
@@ -84,6 +76,20 @@ def test_analyze_writes_tables_bins_intervention_and_pngs(tmp_path_factory, tmp_
   assert "delta average" in (d / "intervention.md").read_text()
   for name in ("similarity.png", "bins.png", "heatmaps.png"):
     check_png(d / name)
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+  """The command line up to loading the data; a missing folder is the user's to fix."""
+  run = subprocess.run(
+      [sys.executable, "launch/analyze.py", "--teacher=t", "--student=s",
+       "--benchmark=synthetic_sugarcrepe", f"--data=synthetic={tmp_path}/missing",
+       "--limit=4", "--bins=2", "--heatmaps=2", f"--out={tmp_path}/out"],
+      cwd=launcher.ROOT, capture_output=True, text=True, timeout=300,
+      env=launcher.subprocess_env())
+  assert run.returncode == 2, run.stderr[-4000:]
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-4000:]
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -145,8 +145,10 @@ def test_attention_gradient_norm_scales_with_its_weight_alone():
 def _seed_from_chain(tmp_path_factory, work) -> int:
   """Copies the shared tiny chain's stages into `work` as the miniature's own: its world and
   teacher (data, pretrain, finetune) and one student seed's first stages (pretrain_student,
-  dpt). The chain is trained with --quick's flags and the configs' seed; returns that seed.
-  Copies, not links: the miniature writes beside them, the chain stays unchanged."""
+  dpt, dft: the CompoDistill row then trains only its sft; the chain's dft matches layers
+  adaptively, which the SFT after it does not use). The chain is trained with --quick's
+  flags and the configs' seed; returns that seed. Copies, not links: the miniature writes
+  beside them, the chain stays unchanged."""
   from launch import miniature
   chain = launcher.tiny_chain(tmp_path_factory)
   quiet = {"--config.log.progress=False", "--upstream.log.progress=False"}
@@ -156,7 +158,7 @@ def _seed_from_chain(tmp_path_factory, work) -> int:
                                           ignore=shutil.ignore_patterns("LOCK"))
   for name in ("data", "pretrain", "finetune"):
     copy(name, "teacher")
-  for name in ("pretrain_student", "dpt"):
+  for name in ("pretrain_student", "dpt", "dft"):
     copy(name, f"seed{seed}")
   return seed
 

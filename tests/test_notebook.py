@@ -5,6 +5,7 @@ every stage finished and the test spends its time on the notebook's own cells.
 """
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -36,9 +37,11 @@ def test_quickstart_notebook_runs(tmp_path_factory, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_diagnostics_notebook_runs(tmp_path_factory, tmp_path, monkeypatch, capsys):
-  """notebooks/diagnostics.ipynb on the shared tiny chain (teacher finetune, student dft,
-  finished): the analysis cells write and show every file. (Several students side by side:
-  tests/test_analyze.py runs launch/analyze.py with two.)"""
+  """notebooks/diagnostics.ipynb on the shared tiny chain (teacher finetune, students dft
+  and pretrain_student, finished): the analysis cells write and show every file, with the
+  contents tests/test_analyze.py's `check_results` asks of launch/analyze.py (this is the
+  suite's run of it on trained stages, several students side by side)."""
+  from tests import test_analyze
   workdir = launcher.tiny_chain(tmp_path_factory)
   with open(os.path.join(launcher.ROOT, "notebooks", "diagnostics.ipynb")) as f:
     nb = json.load(f)
@@ -52,8 +55,8 @@ def test_diagnostics_notebook_runs(tmp_path_factory, tmp_path, monkeypatch, caps
     (view / name).symlink_to(os.path.join(workdir, name))
   monkeypatch.chdir(launcher.ROOT)
   monkeypatch.setenv("CDX_NOTEBOOK_WORKDIR", str(view))
-  monkeypatch.setenv("CDX_NOTEBOOK_STUDENTS", "dft")
-  monkeypatch.setenv("CDX_NOTEBOOK_LIMIT", "2")
+  monkeypatch.setenv("CDX_NOTEBOOK_STUDENTS", "dft,pretrain_student")
+  monkeypatch.setenv("CDX_NOTEBOOK_LIMIT", "4")
   scope = {"__name__": "__notebook__"}
   for i, source in enumerate(cells[1:], start=1):
     try:
@@ -64,4 +67,6 @@ def test_diagnostics_notebook_runs(tmp_path_factory, tmp_path, monkeypatch, caps
   assert "already trained" in out and "student \\ teacher" in out and "delta average" in out
   for name in ("similarity.png", "bins.png", "heatmaps.png"):
     assert os.path.join(scope["RESULTS"], name) in out
-    assert os.path.getsize(os.path.join(scope["RESULTS"], name)) > 1000
+  # 4 items: the default 5 bins are cut to 4.
+  test_analyze.check_results(pathlib.Path(scope["RESULTS"]), ("dft", "pretrain_student"),
+                             items=4, bins=4)
