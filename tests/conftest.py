@@ -33,7 +33,7 @@ def _persistent_compile_cache(tmp_path_factory):
   with it each distinct program compiles once per run, not once per test and xdist worker.
   Only compiles over a second are stored; cached executables run as compiled ones."""
   import jax
-  from jax._src import compilation_cache
+  from jax.experimental.compilation_cache import compilation_cache
   from tests import launcher
   with launcher.shared_dir(tmp_path_factory, "jax_cache") as path:
     pass
