@@ -498,13 +498,14 @@ def main(argv=None) -> int:
       meta["attention_share"] = json.load(f)
     print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
 
+  for s in seeds:  # Every student row of a seed starts from its one stage 0.
+    _link_shared(teacher_dir, seed_dir(s))
+    train("pretrain_student", seed_dir(s), common + seed_args(s) + stage0)
   evals = {"teacher": [teacher]}
   finals = {}
   for row in rows[1:] if rows[0] == "teacher" else [r for r in rows if r != "teacher"]:
     evals[row] = []
     for s in seeds:
-      _link_shared(teacher_dir, seed_dir(s))
-      train("pretrain_student", seed_dir(s), common + seed_args(s) + stage0)
       final = train(ROWS[row], seed_dir(s), common + seed_args(s))
       evals[row].append(score(final))
       if s == seeds[0]:

@@ -258,3 +258,42 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
   assert not os.path.exists(tmp_path / "other")
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pretrained),
                                                       jax.tree.leaves(rand)))
+
+
+def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monkeypatch):
+  """Without --quick: the tower's steps reach every stage (one shared cached tower), stage 0
+  of the teacher and of every seed's student gets STAGE0_STEPS, the teacher's instruction
+  stage TEACHER_STEPS, and the rows add no step override. Training and scoring are stubbed;
+  the run stops at the first row's training."""
+  from launch import miniature
+  calls = []
+
+  class Stop(Exception):
+    pass
+
+  def train(stage, workdir, args):
+    calls.append((stage, os.path.basename(workdir), args))
+    if stage == "finetune_student" and len(calls) > 4:  # the first row, after the gate
+      raise Stop
+    return os.path.join(workdir, stage)
+
+  monkeypatch.setattr(miniature, "train", train)
+  monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
+  monkeypatch.setattr(miniature, "check_gate", lambda *a: {"passed": True, "checks": {}})
+  monkeypatch.setattr(miniature, "grounding", lambda *a: {})
+  from cdx.eval import baselines
+  monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
+  monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
+  with pytest.raises(Stop):
+    miniature.main([f"--workdir={tmp_path}", "--rows=teacher,sft", "--seeds=0,1"])
+  tower = {f"--{s}.vision_pretrain.steps={miniature.TOWER_STEPS}" for s in ("config", "upstream")}
+  assert all(tower <= set(args) for _, _, args in calls)
+  steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
+           for stage, where, args in calls]
+  stage0 = [f"--config.total_steps={miniature.STAGE0_STEPS}"]
+  assert steps == [
+      ("pretrain", "teacher", stage0),
+      ("finetune", "teacher", [f"--config.total_steps={miniature.TEACHER_STEPS}"]),
+      ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", []),  # the gate
+      ("pretrain_student", "seed0", stage0), ("pretrain_student", "seed1", stage0),
+      ("finetune_student", "seed0", [])]
