@@ -8,10 +8,10 @@ Training records (LLaVA json):
   {"id": str, "image": "images/<split>/000123.png",
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
   - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
-  - instruct: 2-6 turns (as many as fit `RECORD_CHARS`) of recognition / relation Q&A (short answers carry the VQA suffix),
-    "describe" requests, the evaluation's two-choice and yes/no questions (`FORMATS`,
-    about caption pairs from contrast.py: seen pairs, training half of the language), and
-    text-only samples (no "image" key).
+  - instruct: 2-6 turns (as many as fit `RECORD_CHARS`) of recognition / relation Q&A
+    (short answers carry the VQA suffix), "describe" requests, the evaluation's two-choice
+    and yes/no questions (`FORMATS`, about caption pairs from contrast.py: seen pairs,
+    training half of the language), and text-only samples (no "image" key).
 Evaluation items:
   - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
   - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
@@ -314,7 +314,8 @@ FORMATS: dict[str, Callable] = {"choice": choice_turn, "yesno": yesno_turn}
 
 def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0.05,
                     format_frac: float = 0.3) -> tuple[dict, world.Scene | None]:
-  """2-6 turns about one scene (fewer when RECORD_CHARS is reached), or (with probability text_only_frac) a text-only chat.
+  """2-6 turns about one scene (fewer when RECORD_CHARS is reached), or (with probability
+  text_only_frac) a text-only chat.
 
   Each turn is, with probability format_frac, a two-choice or a yes/no question in the
   evaluation's exact wording (`FORMATS`, captions from the training half of the caption
