@@ -181,8 +181,8 @@ def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,
     taf: the student keeps the teacher's adapter and learns a post-connector.
     init: folder of the stage whose output this one starts from ("" = base weights).
     paper, tiny: per preset `lr`, `batch_size` (global samples per step) and either
-      `max_length` (paper; one epoch) or `total_steps` (tiny; 256 tokens: 5.5 % of the
-      synthetic instruction records exceed 192).
+      `max_length` (paper; one epoch) or `total_steps` (tiny; max_length 256 unless set:
+      every synthetic instruction record fits, text.RECORD_CHARS).
     trainable: base-param patterns that train; LoRA factors always do.
     lora_targets: LoRA on these params (() = no LoRA); full_finetune: the whole LLM instead.
     loss_weights: lm, kd, attn.

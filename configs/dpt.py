@@ -19,7 +19,7 @@ def get_config(arg=None):
       model_of="student", teacher="finetune", taf=True,
       init="pretrain_student" if tiny else "",
       paper=dict(lr=2e-4, batch_size=256, max_length=1536),
-      tiny=dict(lr=2e-3, batch_size=16, total_steps=40),
+      tiny=dict(lr=2e-3, batch_size=16, total_steps=40, max_length=128),  # captions
       trainable=(r"post/.*",),
       lora_targets=(),
       loss_weights=dict(lm=1.0, kd=1.0, attn=0.0),

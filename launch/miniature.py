@@ -30,10 +30,12 @@ VQA >= 0.85, its VQA on images >= 0.4 above its VQA on grey images (the blind ro
 CR >= 0.10 above the step-matched SFT student's. A failed gate stops the run (exit 3) and
 says which check failed; `--quick` reports it without stopping.
 
-Scoring (docs/RESULTS.md, "Statistics"): CR by likelihood (the likelier of " A" / " B" to
-the two-choice question, both orders; per item the mean of the orders) on `--cr_limit`
-items per subset and split is the headline; generation on `--gen_limit` items checks it
-(unparsed rate, per-order accuracy) and scores VQA. Rows are mean ± std over seeds; paired
+Scoring (docs/RESULTS.md, "Statistics"): CR by caption likelihood (right iff the true
+caption is likelier than the false one given the image, `cdx.eval.protocols` "caption") on
+`--cr_limit` items per subset and split is the headline; the paper's two-choice question
+scored by likelihood (the likelier of " A" / " B", both orders) is beside it, and
+generation on `--gen_limit` items checks it (unparsed rate, per-order accuracy) and scores
+VQA. Rows are mean ± std over seeds; paired
 bootstrap intervals over items (scores averaged over seeds) between rows; the gap closure
 (compodistill - kd) / (teacher - kd). The text-only row is the best text heuristic
 (`cdx.eval.baselines`); the blind row is the teacher on grey images.
@@ -120,7 +122,7 @@ def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit
   from cdx.eval import benchmarks, protocols
   from cdx.eval import run as eval_run
   settings = {"data": os.path.abspath(data), "cr_limit": cr_limit, "gen_limit": gen_limit,
-              "generate": generate}
+              "generate": generate, "headline": "caption"}
   name = "miniature_eval_blind.json" if data.rstrip("/").endswith("_blind") else (
       "miniature_eval.json")
   cache = os.path.join(model_dir, name)
@@ -132,18 +134,21 @@ def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit
   t0 = time.time()
   model = eval_run.load_model(model_dir, tokenizer=tokenizer)
   logprob = eval_run.make_logprob(model, batch_size)
-  out = {"settings": settings, "cr": {}, "items": {}}
+  tasks = protocols.tasks("synthetic_sugarcrepe")
+  out = {"settings": settings, "cr": {}, "items": {}, "cr_option": {}, "items_option": {}}
   for split, sub in eval_run.SPLITS.items():
     sets = benchmarks.read_synthetic(os.path.join(data, sub), root=data)
     items = [it for subset in sorted(sets["sugarcrepe"])
              for it in sets["sugarcrepe"][subset][:cr_limit]]
-    r = protocols.tasks("synthetic_sugarcrepe")["likelihood"].evaluate(items, logprob)
-    per_item: dict[str, list] = {}
-    for rec in r["records"]:
-      per_item.setdefault(f"{split}/{rec['subset']}/{rec['id']}", []).append(rec["correct"])
-    out["items"].update({k: sum(v) / len(v) for k, v in per_item.items()})
-    out["cr"][split] = {"overall": r["overall"], "subsets": r["subsets"],
-                        "by_order": r["by_order"], "n": len(items)}
+    for key, protocol in (("", "caption"), ("_option", "likelihood")):
+      r = tasks[protocol].evaluate(items, logprob)
+      per_item: dict[str, list] = {}  # the option protocol scores each item in two orders
+      for rec in r["records"]:
+        per_item.setdefault(f"{split}/{rec['subset']}/{rec['id']}", []).append(
+            rec["correct"])
+      out["items" + key].update({k: sum(v) / len(v) for k, v in per_item.items()})
+      out["cr" + key][split] = {"overall": r["overall"], "subsets": r["subsets"],
+                                "by_order": r.get("by_order"), "n": len(items)}
   if generate:
     g = eval_run.evaluate_synthetic(model, data, limit=gen_limit, batch_size=batch_size)
     out["generate"] = {}
@@ -164,9 +169,10 @@ def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit
   return out
 
 
-def cr_all(result: dict) -> float:
-  """CR over both splits (mean of the per-item scores)."""
-  v = list(result["items"].values())
+def cr_all(result: dict, key: str = "items") -> float:
+  """CR over both splits (mean of the per-item scores): the headline (caption likelihood),
+  or with key="items_option" the two-choice question's."""
+  v = list(result[key].values())
   return sum(v) / len(v)
 
 
@@ -294,8 +300,10 @@ def summarize(evals: dict, text_only: dict, blind: dict, rounds: int) -> dict:
         "cr_seen": compare.seed_summary([r["cr"]["seen"]["overall"] for r in runs]),
         "cr_heldout": compare.seed_summary([r["cr"]["heldout"]["overall"] for r in runs]),
         "cr_se_items": compare.standard_error(item_means[row]),
-        "cr_by_order": {o: compare.seed_summary([r["cr"]["seen"]["by_order"][o] for r in runs])
-                        for o in ("pos_first", "pos_second")},
+        "cr_option": compare.seed_summary([cr_all(r, "items_option") for r in runs]),
+        "cr_option_by_order": {o: compare.seed_summary(
+            [r["cr_option"]["seen"]["by_order"][o] for r in runs])
+            for o in ("pos_first", "pos_second")},
         "gen_cr": compare.seed_summary(gen("cr")),
         "gen_unparsed": compare.seed_summary(gen("unparsed_rate")),
         "gen_by_order": {o: compare.seed_summary([r["generate"]["seen"]["by_order"][o]
@@ -318,6 +326,7 @@ def summarize(evals: dict, text_only: dict, blind: dict, rounds: int) -> dict:
     closure["seed_summary"] = compare.seed_summary(per_seed)
   return {"rows": rows, "pairs": pairs, "gap_closure": closure, "items": len(keys),
           "blind": {"cr": cr_all(blind), "cr_seen": blind["cr"]["seen"]["overall"],
+                    "cr_option": cr_all(blind, "items_option"),
                     "vqa_seen": blind["generate"]["seen"]["vqa"],
                     "unparsed": blind["generate"]["seen"]["unparsed_rate"]},
           "text_only": text_only}
@@ -329,19 +338,21 @@ def markdown(summary: dict, meta: dict) -> str:
   lines = [f"# Miniature results{smoke}",
            "", f"Command: `{meta['command']}`  ", f"Wall time: {meta['wall_s']:.0f} s; "
            f"items per row: {summary['items']} (CR, both splits); seeds: {meta['seeds']}", "",
-           "| row | seeds | CR (lik., all) | CR seen | CR held-out | SE items | gen CR seen "
-           "| unparsed | VQA seen | VQA held-out |", "|" + "---|" * 10]
+           "| row | seeds | CR (caption lik., all) | CR seen | CR held-out | SE items "
+           "| CR two-choice (lik., all) | gen CR seen | unparsed | VQA seen | VQA held-out |",
+           "|" + "---|" * 11]
   for row, r in summary["rows"].items():
     lines.append(f"| {row} | {r['seeds']} | {pm(r['cr'])} | {pm(r['cr_seen'])} | "
-                 f"{pm(r['cr_heldout'])} | {r['cr_se_items']:.4f} | {pm(r['gen_cr'])} | "
-                 f"{pm(r['gen_unparsed'])} | {pm(r['vqa_seen'])} | {pm(r['vqa_heldout'])} |")
+                 f"{pm(r['cr_heldout'])} | {r['cr_se_items']:.4f} | {pm(r['cr_option'])} | "
+                 f"{pm(r['gen_cr'])} | {pm(r['gen_unparsed'])} | {pm(r['vqa_seen'])} | "
+                 f"{pm(r['vqa_heldout'])} |")
   b, t = summary["blind"], summary["text_only"]
-  lines.append(f"| blind (teacher, grey) | 1 | {b['cr']:.3f} | {b['cr_seen']:.3f} | | | | "
-               f"{b['unparsed']:.3f} | {b['vqa_seen']:.3f} | |")
+  lines.append(f"| blind (teacher, grey) | 1 | {b['cr']:.3f} | {b['cr_seen']:.3f} | | | "
+               f"{b['cr_option']:.3f} | | {b['unparsed']:.3f} | {b['vqa_seen']:.3f} | |")
   best = {s: v["best"] for s, v in t.items()}
   lines.append("| text-only (best heuristic) | - | | " + " | ".join(
       f"{best[s]['overall']:.3f} ({best[s]['name']})" for s in ("seen", "heldout") if s in best)
-      + " | | | | | |")
+      + " | | | | | | |")
   lines += ["", "Paired bootstrap over items (scores averaged over seeds), 95 % interval:", "",
             "| comparison | diff | interval | P(diff <= 0) |", "|---|---|---|---|"]
   for name, p in summary["pairs"].items():
@@ -381,7 +392,7 @@ def plots(summary: dict, similarity: dict | None, out_dir: str) -> list[str]:
          yerr=[rows[n]["cr"]["std"] for n in names], capsize=4, color="tab:blue")
   ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
   ax.axhline(summary["blind"]["cr"], color="tab:red", ls=":", lw=1, label="teacher, grey")
-  ax.set_ylabel("CR accuracy (likelihood)")
+  ax.set_ylabel("CR accuracy (caption likelihood)")
   ax.set_title("Mean ± std over seeds")
   ax.legend(loc="lower right", fontsize=8)
   paths = [os.path.join(out_dir, "cr_bars.png")]

@@ -62,7 +62,8 @@ def _fake_eval(items: dict, vqa: float) -> dict:
                      "by_order": {"pos_first": 0.5, "pos_second": 0.5}}
   gen = {"cr": 0.5, "unparsed_rate": 0.25, "by_order": {"pos_first": 0.5, "pos_second": 0.5},
          "vqa": vqa}
-  return {"items": items, "cr": {"seen": split("seen"), "heldout": split("heldout")},
+  cr = {"seen": split("seen"), "heldout": split("heldout")}
+  return {"items": items, "cr": cr, "items_option": {k: 0.5 for k in items}, "cr_option": cr,
           "generate": {"seen": dict(gen), "heldout": dict(gen)}}
 
 
@@ -102,6 +103,7 @@ def test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure():
                                 "seeds": [0, 1], "gate": gate})
   kd = s["rows"]["kd"]["cr"]
   assert f"| kd | 2 | {kd['mean']:.3f} ± {kd['std']:.3f} |" in text
+  assert s["rows"]["kd"]["cr_option"]["mean"] == 0.5  # the two-choice column, beside it
   assert "SMOKE" not in text and f"{g['closure']:.3f}" in text
   # A row scored on other items than the teacher's is refused.
   evals["kd"][1] = _fake_eval({k: 1.0 for k in keys[:-1]}, 0.6)
@@ -198,6 +200,7 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   assert all(r["seeds"] == 1 for r in rows.values())
   for r in rows.values():
     assert 0 <= r["cr"]["mean"] <= 1 and 0 <= r["gen_unparsed"]["mean"] <= 1
+    assert 0 <= r["cr_option"]["mean"] <= 1  # the two-choice question, beside the headline
   assert set(result["meta"]["gate"]["checks"]) == set(miniature.GATE)
   assert result["meta"]["attention_share"]["batches"] == 4
   assert result["summary"]["gap_closure"] is not None

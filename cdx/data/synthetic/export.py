@@ -35,8 +35,9 @@ from cdx.data.synthetic import text
 from cdx.data.synthetic import world
 
 # Bumped whenever the same arguments would export a different world, so `ensure` never
-# reuses a folder written by older code (2: larger objects, balanced CR sets, formats).
-WORLD_VERSION = 2
+# reuses a folder written by older code (2: larger objects, balanced CR sets, formats;
+# 3: 2-6 instruction turns per image).
+WORLD_VERSION = 3
 
 
 def _dump(obj, path: str) -> None:

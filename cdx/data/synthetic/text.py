@@ -8,10 +8,10 @@ Training records (LLaVA json):
   {"id": str, "image": "images/<split>/000123.png",
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
   - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
-  - instruct: 1-3 turns of recognition / relation Q&A (short answers carry the VQA suffix),
-    "describe" requests, the evaluation's two-choice and yes/no questions (`FORMATS`,
-    about caption pairs from contrast.py: seen pairs, training half of the language), and
-    text-only samples (no "image" key).
+  - instruct: 2-6 turns (as many as fit `RECORD_CHARS`) of recognition / relation Q&A
+    (short answers carry the VQA suffix), "describe" requests, the evaluation's two-choice
+    and yes/no questions (`FORMATS`, about caption pairs from contrast.py: seen pairs,
+    training half of the language), and text-only samples (no "image" key).
 Evaluation items:
   - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
   - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
@@ -39,6 +39,10 @@ from cdx.data.synthetic.grammar import NP, Rel
 
 VQA_SUFFIX = prompts.VQA_SUFFIX
 SUGARCREPE_SUBSETS = contrast.SUBSETS
+# Turns per instruction record, as many as fit RECORD_CHARS characters of text: with the
+# 64 image tokens every record stays within the tiny presets' 256 tokens.
+TURNS = (2, 7)
+RECORD_CHARS = 500
 NUMBERS = ("0", "1", "2", "3", "4")
 # The world's words by what they name: per-class diagnostics (cdx.analysis.grounding).
 WORD_CLASSES = {"color": tuple(world.COLORS),
@@ -310,7 +314,8 @@ FORMATS: dict[str, Callable] = {"choice": choice_turn, "yesno": yesno_turn}
 
 def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0.05,
                     format_frac: float = 0.3) -> tuple[dict, world.Scene | None]:
-  """1-3 turns about one scene, or (with probability text_only_frac) a text-only chat.
+  """2-6 turns about one scene (fewer when RECORD_CHARS is reached), or (with probability
+  text_only_frac) a text-only chat.
 
   Each turn is, with probability format_frac, a two-choice or a yes/no question in the
   evaluation's exact wording (`FORMATS`, captions from the training half of the caption
@@ -318,30 +323,29 @@ def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0
   """
   rng = _rng(seed, "instruct", index)
   rid = f"instruct-{index:06d}"
-  num_turns = int(rng.integers(1, 4))
+  num_turns = int(rng.integers(*TURNS))
   if rng.uniform() < text_only_frac:
     turns = [_text_only_turn(rng) for _ in range(num_turns)]
     return {"id": rid, "conversations": _conv(turns, with_image=False)}, None
   scene = pool.scene(rng)
   short = bool(rng.integers(2))  # VQA-style conversation (suffix, one-word answers)
-  turns, asked = [], set()
+  turns: list[tuple[str, str]] = []
   for _ in range(num_turns):
     if rng.uniform() < format_frac:
       qa = FORMATS[_pick(rng, list(FORMATS))](scene, rng, pool)
-      if qa is not None and qa[0] not in asked:
-        asked.add(qa[0])
-        turns.append(qa)
-      continue
-    kind = _pick(rng, list(QUESTIONS) + ([] if short else ["describe"]))
-    if kind == "describe":
-      q = _pick(rng, ("Describe the image.", "What objects are in the image?"))
-      qa = (q, "", _cap(grammar.text(scene_caption(scene, rng))) + ".")
     else:
-      qa = ask(kind, scene, rng, pool)
-    if qa is None or qa[0] in asked:
-      continue
-    asked.add(qa[0])
-    turns.append((qa[0] + VQA_SUFFIX, qa[1]) if short else (qa[0], qa[2]))
+      kind = _pick(rng, list(QUESTIONS) + ([] if short else ["describe"]))
+      if kind == "describe":
+        q = _pick(rng, ("Describe the image.", "What objects are in the image?"))
+        qa = (q, "", _cap(grammar.text(scene_caption(scene, rng))) + ".")
+      else:
+        qa = ask(kind, scene, rng, pool)
+      if qa is not None:
+        qa = (qa[0] + VQA_SUFFIX, qa[1]) if short else (qa[0], qa[2])
+    chars = sum(len(q) + len(a) for q, a in turns)
+    if (qa is not None and qa[0] not in (q for q, _ in turns)
+        and chars + len(qa[0]) + len(qa[1]) <= RECORD_CHARS):
+      turns.append(qa)
   if not turns:
     qa = q_size(scene, rng, pool, None)  # always applies
     turns.append((qa[0] + VQA_SUFFIX, qa[1]) if short else (qa[0], qa[2]))
