@@ -35,9 +35,8 @@ caption is likelier than the false one given the image, `cdx.eval.protocols` "ca
 `--cr_limit` items per subset and split is the headline; the paper's two-choice question
 scored by likelihood (the likelier of " A" / " B", both orders) is beside it, and
 generation on `--gen_limit` items checks it (unparsed rate, per-order accuracy) and scores
-VQA. Rows are mean ± std over seeds; paired
-bootstrap intervals over items (scores averaged over seeds) between rows; the gap closure
-(compodistill - kd) / (teacher - kd). The text-only row is the best text heuristic
+VQA. Rows are mean ± std over seeds; paired bootstrap intervals over items (scores averaged
+over seeds) between rows; the gap closure (compodistill - kd) / (teacher - kd). The text-only row is the best text heuristic
 (`cdx.eval.baselines`); the blind row is the teacher on grey images.
 
 Ablations are overrides of every student stage, in their own seed folders and outputs
