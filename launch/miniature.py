@@ -36,8 +36,9 @@ caption is likelier than the false one given the image, `cdx.eval.protocols` "ca
 scored by likelihood (the likelier of " A" / " B", both orders) is beside it, and
 generation on `--gen_limit` items checks it (unparsed rate, per-order accuracy) and scores
 VQA. Rows are mean ± std over seeds; paired bootstrap intervals over items (scores averaged
-over seeds) between rows; the gap closure (compodistill - kd) / (teacher - kd). The text-only row is the best text heuristic
-(`cdx.eval.baselines`); the blind row is the teacher on grey images.
+over seeds) between rows; the gap closure (compodistill - kd) / (teacher - kd). The
+text-only row is the best text heuristic (`cdx.eval.baselines`); the blind row is the
+teacher on grey images.
 
 Ablations are overrides of every student stage, in their own seed folders and outputs
 (the world, the teacher and the gate's SFT student of the main run are reused; the
