@@ -15,8 +15,8 @@ Rows (configs/registry.py builds each final stage folder with its upstream stage
 Every student row gets the same instruction steps (configs/common.py TINY_DFT_STEPS +
 TINY_SFT_STEPS) and the same stage 0; the distilled rows add DPT's caption steps (its KD
 needs a teacher, so the SFT row has none). Longer than the tiny preset's defaults, which
-only check the pipeline: every model's stage 0 (captions) takes STAGE0_STEPS, the
-teacher's instruction stage TEACHER_STEPS, and the shared tower TOWER_STEPS
+only check the pipeline: a student's stage 0 (captions) takes STAGE0_STEPS, the teacher's
+TEACHER_STAGE0_STEPS, its instruction stage TEACHER_STEPS, and the shared tower TOWER_STEPS
 (docs/RESULTS.md says why each was raised).
 
 Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
@@ -78,10 +78,13 @@ SHARED = ("data", "vision", "pretrain", "finetune")  # linked into every seed's 
 # Steps that the tiny preset keeps short for the main command's pipeline. With them the
 # models do not read the image (docs/RESULTS.md, "Results"): the tower's 1,600 steps leave
 # shape linearly readable from an object's patches 72 % of the time (6,000: 97 %), and a
-# 120-step stage 0 barely connects the LLM to the image (1,000 steps do).
+# 120-step stage 0 barely connects the LLM to the image (1,000 steps do). The teacher,
+# trained once for every seed, gets 3,000 steps in both stages: its captions and its answers
+# kept improving up to there (docs/RESULTS.md 7., runs T2 and T3).
 TOWER_STEPS = 6000    # the shared frozen SigLIP (vision_pretrain.steps)
-STAGE0_STEPS = 1000   # pretrain and pretrain_student (captions), every model
-TEACHER_STEPS = 1000  # the teacher's instruction stage (finetune)
+STAGE0_STEPS = 1000   # pretrain_student (captions), every seed
+TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
+TEACHER_STEPS = 3000  # the teacher's instruction stage (finetune)
 GATE = {"teacher_vqa": 0.85, "image_worth": 0.40, "cr_lead": 0.10}
 COMPARE = [("teacher", "sft"), ("kd", "sft"), ("taf", "kd"), ("vat", "kd"),
            ("compodistill", "kd"), ("compodistill", "taf"), ("compodistill", "vat"),
@@ -448,7 +451,8 @@ def main(argv=None) -> int:
             "--config.export_hf=False", "--upstream.export_hf=False"]
   common += QUICK if args.quick else [f"--{scope}.vision_pretrain.steps={TOWER_STEPS}"
                                        for scope in ("config", "upstream")]
-  stage0 = [] if args.quick else [f"--config.total_steps={STAGE0_STEPS}"]
+  steps = lambda n: [] if args.quick else [f"--config.total_steps={n}"]
+  stage0 = steps(STAGE0_STEPS)
   t_start = time.time()
   from cdx.eval import baselines
   work = os.path.abspath(args.workdir)
@@ -459,9 +463,8 @@ def main(argv=None) -> int:
                                        args.batch_size, gen)
 
   # The teacher chain, once; the blind copy of the eval sets; the baselines without a model.
-  train("pretrain", teacher_dir, common + stage0)
-  teacher = score(train("finetune", teacher_dir, common + (
-      [] if args.quick else [f"--config.total_steps={TEACHER_STEPS}"])))
+  train("pretrain", teacher_dir, common + steps(TEACHER_STAGE0_STEPS))
+  teacher = score(train("finetune", teacher_dir, common + steps(TEACHER_STEPS)))
   blind_data = baselines.blind_export(data, data + "_blind")
   blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, tokenizer, cr_limit,
                    gen_limit, args.batch_size)

@@ -265,8 +265,8 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
 
 def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monkeypatch):
   """Without --quick: the tower's steps reach every stage (one shared cached tower), stage 0
-  of the teacher and of every seed's student gets STAGE0_STEPS, the teacher's instruction
-  stage TEACHER_STEPS, and the rows add no step override. Training and scoring are stubbed;
+  of every seed's student gets STAGE0_STEPS, the teacher's TEACHER_STAGE0_STEPS, its
+  instruction stage TEACHER_STEPS, and the rows add no step override. Training and scoring are stubbed;
   the run stops at the first row's training."""
   from launch import miniature
   calls = []
@@ -295,7 +295,7 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
            for stage, where, args in calls]
   stage0 = [f"--config.total_steps={miniature.STAGE0_STEPS}"]
   assert steps == [
-      ("pretrain", "teacher", stage0),
+      ("pretrain", "teacher", [f"--config.total_steps={miniature.TEACHER_STAGE0_STEPS}"]),
       ("finetune", "teacher", [f"--config.total_steps={miniature.TEACHER_STEPS}"]),
       ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", []),  # the gate
       ("pretrain_student", "seed0", stage0), ("pretrain_student", "seed1", stage0),
