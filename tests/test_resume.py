@@ -333,9 +333,10 @@ def test_disk_full_stops_at_the_failed_save(data, reference, tmp_path):
   assert len(errors) == 1 and "saving checkpoint step 6" in errors[0], out.stderr[-3000:]
   assert "no space left" in errors[0] and "step 3 is the newest intact" in errors[0]
   assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) < 8, out.stderr
+  # The async save's error surfaces as soon as its commit thread finishes, and at the latest
+  # at the next save (the forced one at step 8): that save is never written. How many
+  # steps ran in between depends on the commit thread's timing, so it is not asserted.
   assert _steps(workdir) == [3]
-  # The async save's error surfaces at the next step's save call: no step past 7 ran.
-  assert max(_metrics(workdir)) <= 7
 
   out = _run(_argv(data, workdir))
   assert "resumed from step 3 " in out.stdout
