@@ -280,6 +280,23 @@ def layer_similarity(rows_dirs: dict, teacher_dir: str, data: str, n: int = 8) -
   return out
 
 
+def attention_heatmaps(rows_dirs: dict, teacher_dir: str, data: str, path: str,
+                       n: int = 3) -> str:
+  """heatmaps.png: where the teacher and each row's model look when asked the first `n`
+  seen VQA questions (the last prompt token's attention over the image patches, heads and
+  the middle layers averaged, `cdx.eval.diagnostics.question_heatmaps`)."""
+  from cdx.eval import benchmarks, diagnostics
+  from cdx.eval import plots as plots_lib
+  from cdx.eval import run as eval_run
+  items = benchmarks.read_synthetic(os.path.join(data, "eval"), root=data)["vqa"][:n]
+  units = diagnostics.units_of(items)
+  grids = {row: diagnostics.question_heatmaps(eval_run.load_model(d, data_dir=data), units)
+           for row, d in {"teacher": teacher_dir, **rows_dirs}.items()}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return plots_lib.heatmaps_figure([u["image"] for u in units], [u["prompt"] for u in units],
+                                   grids, path)
+
+
 # ------------------------------------------------------------------------------ report
 
 def summarize(evals: dict, text_only: dict, blind: dict, rounds: int) -> dict:
@@ -524,12 +541,14 @@ def main(argv=None) -> int:
       evals[row].append(score(final))
       if s == seeds[0]:
         finals[row] = final
-  similarity = layer_similarity(
-      {r: finals[r] for r in ("sft", "kd", "compodistill") if r in finals},
-      os.path.join(teacher_dir, "finetune"), data)
+  shown = {r: finals[r] for r in ("sft", "kd", "compodistill") if r in finals}
+  similarity = layer_similarity(shown, os.path.join(teacher_dir, "finetune"), data)
   summary = summarize(evals, text_only, blind, args.bootstrap)
   meta["wall_s"] = time.time() - t_start
-  figures = plots(summary, similarity, os.path.join(work, "plots" + out_name[10:]))
+  plot_dir = os.path.join(work, "plots" + out_name[10:])
+  figures = plots(summary, similarity, plot_dir)
+  figures.append(attention_heatmaps(shown, os.path.join(teacher_dir, "finetune"), data,
+                                    os.path.join(plot_dir, "heatmaps.png")))
   result = {"meta": meta, "summary": summary, "similarity": similarity, "plots": figures,
             "vqa_prior": baselines.vqa_prior(data)}
   with open(os.path.join(work, out_name + ".json"), "w") as f:

@@ -206,6 +206,8 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   assert result["summary"]["gap_closure"] is not None
   assert {"kd - sft", "compodistill - kd"} <= set(result["summary"]["pairs"])
   assert set(result["similarity"]) == {"sft", "kd", "compodistill"}
+  assert {os.path.basename(p) for p in result["plots"]} == {
+      "cr_bars.png", "similarity_by_layer.png", "heatmaps.png"}
   for path in result["plots"]:
     assert os.path.getsize(path) > 1000
   assert "SMOKE RUN" in (work / "miniature.md").read_text()
