@@ -202,6 +202,10 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
     assert 0 <= r["cr"]["mean"] <= 1 and 0 <= r["gen_unparsed"]["mean"] <= 1
     assert 0 <= r["cr_option"]["mean"] <= 1  # the two-choice question, beside the headline
   assert set(result["meta"]["gate"]["checks"]) == set(miniature.GATE)
+  grounding = result["meta"]["gate"]["teacher_grounding"]
+  assert set(grounding) == {"pretrain", "instruct", "pretrain_2obj"}
+  assert grounding["pretrain_2obj"]["classes"]["relation"]["tokens"] > 0
+  assert "Relation word in two-object captions" in (work / "miniature.md").read_text()
   assert result["meta"]["attention_share"]["batches"] == 4
   assert result["summary"]["gap_closure"] is not None
   assert {"kd - sft", "compodistill - kd"} <= set(result["summary"]["pairs"])
@@ -268,7 +272,8 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
 def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monkeypatch):
   """Without --quick: the tower's steps reach every stage (one shared cached tower), stage 0
   of every seed's student gets STAGE0_STEPS, the teacher's TEACHER_STAGE0_STEPS, its
-  instruction stage TEACHER_STEPS, and the rows add no step override. Training and scoring are stubbed;
+  instruction stage TEACHER_STEPS, and the rows add no step override; only the teacher's
+  stage 0 changes the learning rate (TEACHER_STAGE0_LR). Training and scoring are stubbed;
   the run stops at the first row's training."""
   from launch import miniature
   calls = []
@@ -302,3 +307,7 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
       ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", []),  # the gate
       ("pretrain_student", "seed0", stage0), ("pretrain_student", "seed1", stage0),
       ("finetune_student", "seed0", [])]
+  lrs = [(stage, [a for a in args if a.startswith("--config.optim.lr")])
+         for stage, _, args in calls]
+  assert lrs[0] == ("pretrain", [f"--config.optim.lr={miniature.TEACHER_STAGE0_LR}"])
+  assert all(not lr for _, lr in lrs[1:])
