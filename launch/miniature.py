@@ -212,9 +212,11 @@ def grounding(model_dir: str, data: str, n: int) -> dict:
   with open(os.path.join(data, "scenes.json")) as f:
     two = {image for image, objects in json.load(f).items() if len(objects) == 2}
   out = {}
-  for kind, template, keep in (("pretrain", "pretrain", None), ("instruct", m.template, None),
-                               ("pretrain_2obj", "pretrain", two)):
-    with open(os.path.join(data, kind.split("_")[0] + ".json")) as f:
+  for kind, source, template, keep in (
+      ("pretrain", "pretrain.json", "pretrain", None),
+      ("instruct", "instruct.json", m.template, None),
+      ("pretrain_2obj", "pretrain.json", "pretrain", two)):
+    with open(os.path.join(data, source)) as f:
       records = [r for r in json.load(f)
                  if r.get("image") and (keep is None or r["image"] in keep)][-n:]
     if not records:
