@@ -485,7 +485,8 @@ def main(argv=None) -> int:
             "--config.export_hf=False", "--upstream.export_hf=False"]
   common += QUICK if args.quick else [f"--{scope}.vision_pretrain.steps={TOWER_STEPS}"
                                        for scope in ("config", "upstream")]
-  steps = lambda n: [] if args.quick else [f"--config.total_steps={n}"]
+  recipe = lambda *flags: [] if args.quick else list(flags)  # --quick keeps the presets'
+  steps = lambda n: recipe(f"--config.total_steps={n}")
   stage0 = steps(STAGE0_STEPS)
   t_start = time.time()
   from cdx.eval import baselines
@@ -497,8 +498,8 @@ def main(argv=None) -> int:
                                        args.batch_size, gen)
 
   # The teacher chain, once; the blind copy of the eval sets; the baselines without a model.
-  train("pretrain", teacher_dir, common + steps(TEACHER_STAGE0_STEPS) + (
-      [] if args.quick else [f"--config.optim.lr={TEACHER_STAGE0_LR}"]))
+  train("pretrain", teacher_dir, common + steps(TEACHER_STAGE0_STEPS) + recipe(
+      f"--config.optim.lr={TEACHER_STAGE0_LR}"))
   teacher = score(train("finetune", teacher_dir, common + steps(TEACHER_STEPS)))
   blind_data = baselines.blind_export(data, data + "_blind")
   blind = evaluate(os.path.join(teacher_dir, "finetune"), blind_data, tokenizer, cr_limit,
