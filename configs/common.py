@@ -164,7 +164,7 @@ def vision_pretrain(preset: str) -> ml_collections.ConfigDict:
   load a pretrained SigLIP and ignore this block."""
   return ml_collections.ConfigDict(dict(
       steps=1600 if preset == "tiny" else 0, seed=0, batch_size=24, lr=5e-3,
-      dense_weight=2.0))
+      dense_weight=2.0, position_weight=1.0))
 
 
 def stage(name: str, preset: str, *, role: str = "teacher", model_of: str,

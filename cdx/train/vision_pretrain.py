@@ -8,7 +8,8 @@ a batch, +1 for matching pairs and -1 for the rest, logits = t * <img, txt> + b 
 learned temperature t and bias b (Zhai et al., 2023, "Sigmoid Loss for Language Image
 Pre-Training"). Images are training scenes of the world (seen pairs only, rendered on the
 fly from their own sample stream, never an evaluation image); captions are whole-scene
-descriptions (text.scene_caption). Two additions make a few hundred CPU steps enough:
+descriptions (text.scene_caption). Three additions make a few hundred CPU steps enough
+and keep what the MLLM must read:
   hard negatives  each image also gets its caption with one field edited to a false value
                   (a shape, a colour, a size or the relation, `hard_negative`) as an extra
                   negative: random in-batch captions differ mostly by colour, and with them
@@ -17,6 +18,13 @@ descriptions (text.scene_caption). Two additions make a few hundred CPU steps en
                   object under each object patch from the patch's feature (`patch_labels`,
                   linear heads): a supervised, localized signal. Departure: the real tower
                   learned such features from billions of pairs; here they are taught.
+  position loss   `position_weight` x cross-entropy of each patch's grid row and column
+                  from its feature (linear heads, every patch). The other losses never need
+                  where a patch is (the image embedding is a mean over patches), and without
+                  this one the features drop it: an object's third of the image is read no
+                  better than from the random tower, the relation of two objects at chance
+                  (probe below), and no LLM on top learns "left of" from them. Real SigLIP
+                  features keep position; this restores that.
 Towers:
   image  siglip.Encoder up to the MLLM's feature layer [B, N, D] -> mean over patches ->
          LayerNorm -> Dense(embed)                       (what the MLLM reads: the encoder)
@@ -32,15 +40,26 @@ layers_0.. up to the feature layer), as float32 numpy arrays.
 Probe (`probe`: ridge classifiers on the mean feature of each object's patches, 1500
 training / 500 held-out scenes; chance = commonest class 0.18 / 0.13 / 0.53), from
 `python -m cdx.train.vision_pretrain --out DIR --vision '<TINY_VISION as JSON>'` with
-the flags shown, on this project's shared 2-core box:
+the flags shown (before the position loss), on this project's shared 2-core box:
                                             shape  colour  size   train wall (user CPU)
   random tower                              0.354  0.946   0.633
   SigLIP loss only, 300 x 128               0.341  0.999   0.677
   + hard negatives, 300 x 128               0.358  0.998   0.655
   + dense loss (w 1, lr 5e-3), 300 x 128    0.426  1.000   0.891
   + dense w 2, 800 x 48                     0.592  1.000   0.904  338 s (110 s), loaded box
-  + dense w 2, 1600 x 24 (the defaults)     0.718  1.000   0.915  141 s (112 s)
-Smaller batches and more steps help shape most at equal cost.
+  + dense w 2, 1600 x 24                    0.718  1.000   0.915  141 s (112 s)
+Smaller batches and more steps help shape most at equal cost. With the position loss
+(w 1, the default), on the same probe plus where an object is and the relation of two
+(chance 0.38 / 0.39 / 0.27):
+                                 shape  colour  size   column  row    relation  train wall
+  random tower                   0.354  0.946   0.633  0.402   0.382  0.272
+  w 0, 6000 x 24                 0.974  1.000   0.959  0.410   0.426  0.263
+  w 1, 800 x 24                  0.430  1.000   0.895  0.950   0.927  0.825     53 s
+  w 1, 1600 x 24 (the defaults)  0.657  1.000   0.910  0.947   0.920  0.817     91 s
+  w 1, 6000 x 24                 0.983  1.000   0.998  0.956   0.952  0.841    216 s
+(`probe(pretrain_vision(0, TINY_VISION, None, steps=S, position_weight=w), TINY_VISION)`;
+the 6000-step wall on an idle box, the others beside a training job). Position costs shape at first and nothing at 6,000 steps, which the
+miniature uses (launch/miniature.py TOWER_STEPS).
 
 Cache: out_dir/vision_<key>.msgpack (+ .json: the settings, the loss curve, the wall
 time), key = hash of the world seed (or the samples), the vision config, the feature
@@ -88,6 +107,7 @@ class Settings:
   text_heads: int = 2
   hard_negatives: bool = True  # a minimally edited false caption per image (batch 2B)
   dense_weight: float = 2.0  # weight of the per-patch attribute loss (`patch_labels`)
+  position_weight: float = 1.0  # weight of the per-patch grid row / column loss
   seed: int = 0
 
 
@@ -145,12 +165,14 @@ class TextTower(nn.Module):
 
 class PatchHeads(nn.Module):
   """Encoder features [B, N, D] -> logits of the shape, colour and size under each patch
-  (one more class each for "no object")."""
+  (one more class each for "no object"), then of the patch's grid row and column."""
+  grid: int
 
   @nn.compact
   def __call__(self, feats: jax.Array) -> list[jax.Array]:
     return [nn.Dense(len(classes) + 1, name=f"{attr}")(feats)
-            for attr, classes in PROBED.items()]
+            for attr, classes in PROBED.items()] + [
+                nn.Dense(self.grid, name=f"{axis}")(feats) for axis in ("row", "column")]
 
 
 def patch_labels(scenes: Sequence[world.Scene], cfg: siglip.SiglipConfig) -> np.ndarray:
@@ -298,7 +320,8 @@ def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: in
   vocab = vocabulary()
   text_tower = TextTower(len(vocab), cfg.embed_dim, cfg.text_heads)
   head = ImageHead(cfg.embed_dim)
-  dense = PatchHeads()
+  grid = size // vision_cfg.patch_size
+  dense = PatchHeads(grid)
   k_enc, k_head, k_txt = jax.random.split(jax.random.key(cfg.seed), 3)
   params = {
       "vision": encoder.init(k_enc, jnp.zeros((1, size, size, 3)))["params"],
@@ -318,13 +341,20 @@ def pretrain_vision(world_or_samples, vision_cfg, out_dir: str | None, steps: in
     img = head.apply({"params": p["head"]}, feats)
     txt = text_tower.apply({"params": p["text"]}, ids)
     loss = sigmoid_loss(img, txt, p["t"], p["b"], (ids > 0).any(-1))
+    logits = dense.apply({"params": p["dense"]}, feats)
     if cfg.dense_weight:
-      logits = dense.apply({"params": p["dense"]}, feats)
       # Object patches only: background patches are most of the image and trivial.
       on = (labels[..., 0] < len(world.SHAPES)).astype(jnp.float32)
       ce = sum((optax.softmax_cross_entropy_with_integer_labels(z, labels[..., k]) * on).sum()
-               for k, z in enumerate(logits)) / jnp.maximum(on.sum(), 1.0)
+               for k, z in enumerate(logits[:len(PROBED)])) / jnp.maximum(on.sum(), 1.0)
       loss = loss + cfg.dense_weight * ce
+    if cfg.position_weight:
+      # Every patch: where it is, so that the features keep it for the relations.
+      cells = jnp.arange(feats.shape[1])
+      loss = loss + cfg.position_weight * sum(
+          optax.softmax_cross_entropy_with_integer_labels(
+              z, jnp.broadcast_to(c, z.shape[:-1])).mean()
+          for z, c in zip(logits[len(PROBED):], (cells // grid, cells % grid)))
     return loss
 
   @jax.jit
@@ -408,24 +438,38 @@ def _ridge_accuracy(x_tr, y_tr, x_te, y_te, classes, lam: float = 1.0) -> float:
 
 def probe(vision, vision_cfg, feature_layer: int = -2, seed: int = 1234,
           num_train: int = 1500, num_test: int = 500) -> dict:
-  """Linear-probe accuracy of each object attribute from the features of its patches.
+  """Linear-probe accuracy of what the MLLM must read from an object's patches.
 
   Ridge-regression classifiers (one-hot targets, standardized features) fitted on the
   objects of num_train random scenes, scored on those of num_test other scenes (all
-  (colour, shape) pairs, a stream no training uses). Returns {attribute: accuracy,
-  "chance": {attribute: the test share of its most frequent class}}.
+  (colour, shape) pairs, a stream no training uses): each object's shape, colour, size
+  and the third of the image its centre lies in ("column", "row"), from the mean feature
+  of its patches; and "relation", the relation of a scene's first object to its second
+  (`world.primary_relation`) from their two features side by side (scenes with 2+
+  objects). Returns {probe: accuracy, "chance": {probe: the test share of its most
+  frequent class}}.
   """
   vision_cfg = siglip.get_config(vision_cfg)
   scenes = [world.sample_scene(np.random.default_rng([seed, 99, i]))
             for i in range(num_train + num_test)]
   x, objs = _object_features(vision, vision_cfg, feature_layer, scenes)
   n_tr = sum(len(s.objects) for s in scenes[:num_train])
+  thirds = (0, 1, 2)
+  targets = {attr: ([getattr(o, attr) for o in objs], classes)
+             for attr, classes in PROBED.items()}
+  targets["column"] = ([min(int(o.x * 3), 2) for o in objs], thirds)
+  targets["row"] = ([min(int(o.y * 3), 2) for o in objs], thirds)
   out, chance = {}, {}
-  for attr, classes in PROBED.items():
-    y = [getattr(o, attr) for o in objs]
-    out[attr] = _ridge_accuracy(x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], classes)
-    test = y[n_tr:]
-    chance[attr] = max(test.count(c) for c in classes) / len(test)
+  for name, (y, classes) in targets.items():
+    out[name] = _ridge_accuracy(x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], classes)
+    chance[name] = max(y[n_tr:].count(c) for c in classes) / (len(y) - n_tr)
+  first = np.cumsum([0] + [len(s.objects) for s in scenes])[:-1]
+  pairs = np.asarray([i for i, s in enumerate(scenes) if len(s.objects) >= 2])
+  xp = np.concatenate([x[first[pairs]], x[first[pairs] + 1]], 1)
+  y = [world.primary_relation(*scenes[i].objects[:2]) for i in pairs]
+  p_tr = int((pairs < num_train).sum())
+  out["relation"] = _ridge_accuracy(xp[:p_tr], y[:p_tr], xp[p_tr:], y[p_tr:], world.RELATIONS)
+  chance["relation"] = max(y[p_tr:].count(c) for c in world.RELATIONS) / (len(y) - p_tr)
   return {**out, "chance": chance}
 
 
@@ -446,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=Settings.batch_size)
   p.add_argument("--dense-weight", type=float, default=Settings.dense_weight)
+  p.add_argument("--position-weight", type=float, default=Settings.position_weight)
   p.add_argument("--lr", type=float, default=Settings.lr)
   a = p.parse_args(argv)
   vision_cfg = siglip.get_config(json.loads(a.vision) if a.vision.startswith("{")
@@ -453,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   t0 = time.perf_counter()
   vision = pretrain_vision(a.world_seed, vision_cfg, a.out, a.steps, a.seed,
                            log_every=25, batch_size=a.batch_size,
-                           dense_weight=a.dense_weight, lr=a.lr)
+                           dense_weight=a.dense_weight, position_weight=a.position_weight,
+                           lr=a.lr)
   seconds = time.perf_counter() - t0
   before = probe(random_vision(vision_cfg, seed=a.seed), vision_cfg)
   after = probe(vision, vision_cfg)
