@@ -209,8 +209,7 @@ def _shared_vision(model_cfg: mllm.MllmConfig, cfg, workdir: str) -> dict:
   vision = vision_pretrain.pretrain_vision(
       cfg.data.world_seed, model_cfg.vision, os.path.join(workdir, "vision"), steps=vp.steps,
       seed=vp.seed, feature_layer=model_cfg.feature_layer, batch_size=vp.batch_size,
-      lr=vp.lr, dense_weight=vp.dense_weight,
-      position_weight=vp.position_weight)
+      lr=vp.lr, dense_weight=vp.dense_weight, position_weight=vp.position_weight)
   return jax.tree.map(jnp.asarray, vision)
 
 

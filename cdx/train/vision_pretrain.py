@@ -58,8 +58,9 @@ Smaller batches and more steps help shape most at equal cost. With the position 
   w 1, 1600 x 24 (the defaults)  0.657  1.000   0.910  0.947   0.920  0.817     91 s
   w 1, 6000 x 24                 0.983  1.000   0.998  0.956   0.952  0.841    216 s
 (`probe(pretrain_vision(0, TINY_VISION, None, steps=S, position_weight=w), TINY_VISION)`;
-the 6000-step wall on an idle box, the others beside a training job). Position costs shape at first and nothing at 6,000 steps, which the
-miniature uses (launch/miniature.py TOWER_STEPS).
+the 6000-step wall on an idle box, the others beside a training job). Position costs
+shape at first and nothing at the 6,000 steps the miniature uses (launch/miniature.py
+TOWER_STEPS).
 
 Cache: out_dir/vision_<key>.msgpack (+ .json: the settings, the loss curve, the wall
 time), key = hash of the world seed (or the samples), the vision config, the feature
