@@ -248,7 +248,8 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
                                pad_token_id=2, eos_token_id=1)
   cfg = ml_collections.ConfigDict(dict(
       seed=5, data=dict(world_seed=0, synthetic=True),
-      vision_pretrain=dict(common.vision_pretrain("tiny").to_dict(), steps=2, batch_size=4)))
+      vision_pretrain=dict(common.vision_pretrain("tiny").to_dict(), steps=2, batch_size=4,
+                           position_weight=0.5)))
   pretrained = setup._shared_vision(model_cfg, cfg, str(tmp_path))
   random = mllm.init_params(model_cfg, jax.random.key(0))["vision"]
   assert jax.tree.structure(pretrained) == jax.tree.structure(random)
@@ -256,6 +257,8 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
       a.shape for a in jax.tree.leaves(random)]
   cached = os.listdir(tmp_path / "vision")
   assert any(f.endswith(".msgpack") for f in cached)
+  info, = [json.load(open(tmp_path / "vision" / f)) for f in cached if f.endswith(".json")]
+  assert info["settings"]["position_weight"] == 0.5  # The config's setting reaches the tower.
   # The teacher's call (another model seed) loads the same tower from the cache.
   cfg.seed = 6
   again = setup._shared_vision(model_cfg, cfg, str(tmp_path))
