@@ -222,6 +222,19 @@ def test_vqa_answers_are_true(pool):
   assert len(cats) >= 5
 
 
+@pytest.mark.parametrize("pool", [SEEN, HELDOUT], ids=["seen", "heldout"])
+def test_vqa_sets_balance_types_and_yes_no_answers(pool):
+  # The first 4 turns of every type: each type asked 4 times, each yes/no type answered
+  # "Yes" twice and "No" twice, so answering "Yes" always is worth 0.5 on those types.
+  n = 4 * (len(text.QUESTIONS) - (pool is HELDOUT))
+  items = [text.vqa_item(i, SEED, pool, "img")[0] for i in range(n)]
+  kinds = collections.Counter(it["category"] for it in items)
+  assert set(kinds.values()) == {4}, kinds
+  for kind in text.YES_NO:
+    answers = collections.Counter(it["answer"] for it in items if it["category"] == kind)
+    assert answers == {"Yes": 2, "No": 2}, (kind, answers)
+
+
 def _diff(pos, neg):
   return [(a, b) for a, b in zip(content_words(pos), content_words(neg)) if a != b]
 

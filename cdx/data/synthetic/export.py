@@ -36,8 +36,8 @@ from cdx.data.synthetic import world
 
 # Bumped whenever the same arguments would export a different world, so `ensure` never
 # reuses a folder written by older code (2: larger objects, balanced CR sets, formats;
-# 3: 2-6 instruction turns per image).
-WORLD_VERSION = 3
+# 3: 2-6 instruction turns per image; 4: VQA types take turns, yes/no answers balanced).
+WORLD_VERSION = 4
 
 
 def _dump(obj, path: str) -> None:

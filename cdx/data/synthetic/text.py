@@ -13,7 +13,8 @@ Training records (LLaVA json):
     and yes/no questions (`FORMATS`, about caption pairs from contrast.py: seen pairs,
     training half of the language), and text-only samples (no "image" key).
 Evaluation items:
-  - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"}
+  - vqa:        {"question_id", "image", "text" (question + VQA suffix), "answer", "category"};
+                question types take turns, yes/no types alternate their answer (vqa_item)
   - sugarcrepe: {"filename", "caption", "negative_caption"} per subset (the real files' keys)
   - winoground: {"id", "image_0", "image_1", "caption_0", "caption_1", "tag"}
 Held-out split: training scenes never contain a `world.heldout_combos()` pair and no
@@ -229,6 +230,7 @@ QUESTIONS: dict[str, Callable] = {
     "color": q_color, "shape": q_shape, "size": q_size, "count": q_count,
     "exist": q_exist, "relation": q_relation, "which": q_which,
 }
+YES_NO = ("exist", "relation")  # the question types answered "Yes" or "No"
 
 
 def ask(kind: str, scene: world.Scene, rng: np.random.Generator, pool: Pool,
@@ -357,14 +359,22 @@ def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0
 # Evaluation sets.
 
 def vqa_item(index: int, seed: int, pool: Pool, image_dir: str) -> tuple[dict, world.Scene]:
+  """Item `index` of a VQA set, balanced by construction.
+
+  Question types take turns (item i asks type i mod #types), and a yes/no type's answer
+  alternates with each of its turns, so any prefix of the set asks every type about as
+  often and answers each yes/no type "Yes" about half the time: a model that always says
+  "Yes" scores 0.5 on those types, not whatever share the draws happened to give.
+  """
   rng = _rng(seed, "vqa", index)
   focus = 0 if pool.focus else None
   kinds = [k for k in QUESTIONS if not (focus is not None and k == "count")]
+  kind = kinds[index % len(kinds)]
+  want = ("Yes", "No")[(index // len(kinds)) % 2] if kind in YES_NO else None
   while True:
     scene = pool.scene(rng)
-    kind = _pick(rng, kinds)
     qa = ask(kind, scene, rng, pool, focus)
-    if qa is not None:
+    if qa is not None and want in (None, qa[1]):
       break
   image = f"{image_dir}/vqa_{index:06d}.png"
   return {"question_id": index, "image": image, "text": qa[0] + VQA_SUFFIX,
