@@ -17,13 +17,15 @@ TINY_SFT_STEPS) and the same stage 0; the distilled rows add DPT's caption steps
 needs a teacher, so the SFT row has none). Longer than the tiny preset's defaults, which
 only check the pipeline: a student's stage 0 (captions) takes STAGE0_STEPS, the teacher's
 TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction stage TEACHER_STEPS, and the
-shared tower TOWER_STEPS (docs/RESULTS.md says why each was changed).
+shared tower TOWER_STEPS; the students' LLM is STUDENT_TEXT wide (docs/RESULTS.md says why
+each was changed; --quick keeps the presets' steps and widths).
 
 Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
 teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
 stages (`--config.seed=S`: init, data order, dropout-free noise; the world's seed is
 data.world_seed, unchanged) with links to the shared folders. Everything is resumable:
-finished stages (DONE) and scored models (miniature_eval.json) are reused.
+finished stages (DONE) and scored models (miniature_eval.json) are reused; DIR/recipe.json
+keeps the steps and widths, and a run with others refuses the folder.
 
 The GATE runs before any student row but the first seed's SFT student: the teacher's seen
 VQA >= 0.85, its VQA on images >= 0.4 above its VQA on grey images (the blind row), and its
@@ -88,6 +90,12 @@ TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
 # the student worse (docs/RESULTS.md 7., TL1 and SL1: each model measured at both).
 TEACHER_STAGE0_LR = 1e-3
 TEACHER_STEPS = 3000  # the teacher's instruction stage (finetune)
+# The students' LLM width (the tiny preset's is 64; layers, heads and vocabulary stay). At
+# 64 a student learns what this world teaches about as well as the 128-wide teacher:
+# relations exactly as well, CR by caption likelihood within 0.03-0.06 of it. At 32 it
+# binds attributes worse (swap_att 0.60 against the teacher's 0.97): a gap for
+# distillation to close (docs/RESULTS.md 8., S4-S6 and SZ).
+STUDENT_TEXT = {"hidden_size": 32, "head_dim": 8, "mlp_dim": 64}
 GATE = {"teacher_vqa": 0.85, "image_worth": 0.40, "cr_lead": 0.10}
 COMPARE = [("teacher", "sft"), ("kd", "sft"), ("taf", "kd"), ("vat", "kd"),
            ("compodistill", "kd"), ("compodistill", "taf"), ("compodistill", "vat"),
@@ -99,6 +107,38 @@ QUICK = ["--config.total_steps=2", "--upstream.total_steps=2",
 
 
 # ----------------------------------------------------------------------------- training
+
+def check_recipe(work: str, quick: bool) -> dict:
+  """Writes the recipe (steps, widths) to work/recipe.json on the first run; refuses a
+  workdir whose finished stages were trained with another one, since they would be
+  reused as they are."""
+  want = {"quick": quick, "tower_steps": TOWER_STEPS, "stage0_steps": STAGE0_STEPS,
+          "teacher_stage0_steps": TEACHER_STAGE0_STEPS, "teacher_stage0_lr": TEACHER_STAGE0_LR,
+          "teacher_steps": TEACHER_STEPS, "student_text": STUDENT_TEXT}
+  path = os.path.join(work, "recipe.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      have = json.load(f)
+    diff = sorted(k for k in {*have, *want} if have.get(k) != want.get(k))
+    if diff:
+      what = ", ".join(f"{k}: {have.get(k)} there, {want.get(k)} now" for k in diff)
+      raise SystemExit(
+          f"error: {work} was trained with another recipe ({what}); its finished stages "
+          f"would be reused as they are. Use another --workdir, or delete the stages that "
+          f"differ and {path}.")
+  else:
+    os.makedirs(work, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(want, f, indent=1)
+  return want
+
+
+def student_size_flags() -> list[str]:
+  """Overrides that give every student stage (and the student stages built on the way)
+  the recipe's width; the teacher, built first, is never rebuilt by a student's run."""
+  return [f"--{scope}.model.text.{k}={v}" for k, v in STUDENT_TEXT.items()
+          for scope in ("config", "upstream")]
+
 
 def _link_shared(teacher_dir: str, seed_dir: str) -> None:
   os.makedirs(seed_dir, exist_ok=True)
@@ -491,6 +531,7 @@ def main(argv=None) -> int:
   t_start = time.time()
   from cdx.eval import baselines
   work = os.path.abspath(args.workdir)
+  recipe_used = check_recipe(work, args.quick)
   teacher_dir = os.path.join(work, "teacher")
   data = os.path.join(teacher_dir, "data")
   tokenizer = os.path.join(data, "tokenizer")
@@ -506,7 +547,8 @@ def main(argv=None) -> int:
                    gen_limit, args.batch_size)
   text_only = baselines.synthetic_text_baselines(data)
   seed_dir = lambda s: os.path.join(work, f"seed{s}" + (f"-{args.tag}" if args.tag else ""))
-  plain_seed = lambda s: [f"--config.seed={s}", f"--upstream.seed={s}"]
+  plain_seed = lambda s: [f"--config.seed={s}", f"--upstream.seed={s}",
+                          *recipe(*student_size_flags())]
   seed_args = lambda s: plain_seed(s) + [
       f"--{scope}.{o}" for o in args.student_override for scope in ("config", "upstream")]
   out_name = "miniature" + (f"-{args.tag}" if args.tag else "")
@@ -522,7 +564,8 @@ def main(argv=None) -> int:
   meta = {"command": "python launch/miniature.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),
           "quick": args.quick, "seeds": seeds, "rows": rows, "cr_limit": cr_limit,
-          "gen_limit": gen_limit, "gate": gate, "student_overrides": args.student_override}
+          "gen_limit": gen_limit, "gate": gate, "student_overrides": args.student_override,
+          "recipe": recipe_used}
   print(f"[miniature] gate: {'passed' if gate['passed'] else 'FAILED'} {gate['checks']}; "
         f"teacher loss per token with real / grey / another image: " + ", ".join(
             f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"

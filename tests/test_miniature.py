@@ -314,3 +314,37 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
          for stage, _, args in calls]
   assert lrs[0] == ("pretrain", [f"--config.optim.lr={miniature.TEACHER_STAGE0_LR}"])
   assert all(not lr for _, lr in lrs[1:])
+  width = set(miniature.student_size_flags())  # Every student stage, never the teacher.
+  assert [width <= set(args) for _, where, args in calls] == [
+      where != "teacher" for _, where, _ in calls]
+  # The run recorded its recipe; the same workdir with another recipe is refused.
+  assert json.load(open(tmp_path / "recipe.json"))["student_text"] == miniature.STUDENT_TEXT
+  monkeypatch.setattr(miniature, "STUDENT_TEXT", dict(miniature.STUDENT_TEXT, hidden_size=48))
+  with pytest.raises(SystemExit, match="student_text.*Use another --workdir"):
+    miniature.main([f"--workdir={tmp_path}", "--rows=teacher,sft", "--seeds=0,1"])
+  assert len(calls) == 7  # Refused before anything trains.
+
+
+def test_recipe_student_width_gives_valid_student_configs():
+  """The recipe's width overrides load into every stage of every student row's chain,
+  pass the launcher's checks, and build a model of that width."""
+  import jax
+  from cdx import config as config_lib
+  from cdx.models import mllm
+  from cdx.train import setup
+  from configs import registry
+  from launch import miniature
+  flags = [f for f in miniature.student_size_flags() if f.startswith("--config.")]
+  for row in miniature.STUDENTS:
+    folder = miniature.ROWS[row]
+    while folder:
+      cfg = config_lib.load(registry.config_spec(folder, "tiny"), flags)
+      setup.validate(cfg)
+      assert {k: cfg.model.text[k] for k in miniature.STUDENT_TEXT} == miniature.STUDENT_TEXT
+      folder = cfg.inputs.init
+  model_cfg = mllm.make_config(cfg.model.vision.to_dict(), cfg.model.text.to_dict(),
+                               image_token_id=3, pad_token_id=2, eos_token_id=1)
+  shapes = jax.eval_shape(lambda: mllm.init_params(model_cfg, jax.random.key(0)))
+  width = miniature.STUDENT_TEXT["hidden_size"]
+  assert shapes["llm"]["embed"]["embedding"].shape == (cfg.model.text.vocab_size, width)
+  assert shapes["adapter"]["fc2"]["kernel"].shape[-1] == width  # The adapter follows.
