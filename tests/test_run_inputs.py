@@ -67,6 +67,25 @@ def test_user_data_with_synthetic_on_fails_with_the_override(tmp_path, field, ca
   assert len(err.strip().splitlines()) == 1
 
 
+def test_world_exported_by_older_code_is_refused_in_one_line(tmp_path, capsys):
+  """A workdir whose synthetic world an older cdx exported: one line that names the
+  versions and what to do, before anything trains; never reused silently."""
+  from cdx.data.synthetic import export
+  cfg = config_lib.load("configs/pretrain.py:tiny")
+  os.makedirs(tmp_path / "data")
+  old = {"num_train": cfg.data.synthetic_train, "seed": cfg.data.world_seed,
+         "vocab_size": 1024, "num_eval": 100, "size": 64, "num_cr": cfg.data.num_cr,
+         "format_frac": cfg.data.format_frac, "world_version": export.WORLD_VERSION - 1}
+  (tmp_path / "data" / "READY").write_text(json.dumps(old))
+  status = run.main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}",
+                     "--config.vision_pretrain.steps=0", "--config.log.progress=False"])
+  err = capsys.readouterr().err
+  assert status == 2 and "Traceback" not in err
+  line, = [l for l in err.splitlines() if l.startswith("error: ")]
+  assert f"version {export.WORLD_VERSION - 1}" in line and "delete that folder" in line
+  assert not os.path.exists(tmp_path / "pretrain" / "DONE")
+
+
 def test_synthetic_defaults_pass_validation():
   for spec in ("configs/pretrain.py:tiny", "configs/dft.py:tiny", "configs/sft.py:paper"):
     setup.validate(config_lib.load(spec))

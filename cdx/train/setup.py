@@ -163,8 +163,11 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
     from cdx.data.synthetic import export  # Only tiny runs need the renderer.
     root = os.path.join(workdir, "data")
     if jax.process_index() == 0:
-      tok_path = export.ensure(root, data.synthetic_train, data.world_seed, vocab_size=1024,
-                               num_cr=data.num_cr, format_frac=data.format_frac)
+      try:
+        export.ensure(root, data.synthetic_train, data.world_seed, vocab_size=1024,
+                      num_cr=data.num_cr, format_frac=data.format_frac)
+      except ValueError as e:  # An export made with other settings or by older code.
+        raise UserError(f"data: {e}") from None
     ckpt_lib.sync("cdx_synthetic_data")  # Other hosts read what process 0 wrote.
     tok_path = os.path.join(root, "tokenizer")
   missing = [f"data.{k}" for k, v in (("train", data.train), ("tokenizer", tok_path)) if not v]

@@ -155,6 +155,12 @@ def ensure(out: str, num_train: int, seed: int, vocab_size: int, num_eval: int =
   if os.path.isfile(marker):
     with open(marker) as f:
       have = json.load(f)
+    if have.get("world_version") != WORLD_VERSION:
+      raise ValueError(
+          f"{out} holds a synthetic world of version {have.get('world_version')}, made by "
+          f"older code; this code makes version {WORLD_VERSION} ({__name__}.WORLD_VERSION). "
+          "Models trained on it are not comparable with new ones: use another --workdir, "
+          "or delete that folder to export the new world.")
     if have != want:
       raise ValueError(f"{out} holds a synthetic export made with {have}, but {want} was "
                        "asked for: use another --workdir or delete that folder.")
