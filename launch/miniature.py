@@ -17,8 +17,8 @@ TINY_SFT_STEPS) and the same stage 0; the distilled rows add DPT's caption steps
 needs a teacher, so the SFT row has none). Longer than the tiny preset's defaults, which
 only check the pipeline: a student's stage 0 (captions) takes STAGE0_STEPS, the teacher's
 TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction stage TEACHER_STEPS, and the
-shared tower TOWER_STEPS; the students' LLM is STUDENT_TEXT wide (docs/RESULTS.md says why
-each was changed; --quick keeps the presets' steps and widths).
+shared tower TOWER_STEPS, the world WORLD_IMAGES training images; the students' LLM is
+STUDENT_TEXT wide (docs/RESULTS.md says why each was changed; --quick keeps the presets').
 
 Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
 teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
@@ -84,6 +84,10 @@ SHARED = ("data", "vision", "pretrain", "finetune")  # linked into every seed's 
 # trained once for every seed, gets 3,000 steps in both stages: its captions and its answers
 # kept improving up to there (docs/RESULTS.md 7., runs T2 and T3).
 TOWER_STEPS = 6000    # the shared frozen SigLIP (vision_pretrain.steps)
+# Images in the world's training export (data.synthetic_train; the tiny preset's 4,000):
+# the teacher's 3,000 instruction steps memorize 4,000 images (training loss 0.05 while its
+# VQA stops rising), and relations need many distinct scenes (docs/RESULTS.md 7.-8.).
+WORLD_IMAGES = 16000
 STAGE0_STEPS = 1000   # pretrain_student (captions), every seed
 TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
 # The wider teacher fits its captions better at a third of the tiny preset's stage-0 lr,
@@ -112,7 +116,8 @@ def check_recipe(work: str, quick: bool) -> dict:
   """Writes the recipe (steps, widths) to work/recipe.json on the first run; refuses a
   workdir whose finished stages were trained with another one, since they would be
   reused as they are."""
-  want = {"quick": quick, "tower_steps": TOWER_STEPS, "stage0_steps": STAGE0_STEPS,
+  want = {"quick": quick, "tower_steps": TOWER_STEPS, "world_images": WORLD_IMAGES,
+          "stage0_steps": STAGE0_STEPS,
           "teacher_stage0_steps": TEACHER_STAGE0_STEPS, "teacher_stage0_lr": TEACHER_STAGE0_LR,
           "teacher_steps": TEACHER_STEPS, "student_text": STUDENT_TEXT}
   path = os.path.join(work, "recipe.json")
@@ -523,8 +528,9 @@ def main(argv=None) -> int:
   gen_limit = args.gen_limit or (2 if args.quick else 50)
   common = ["--config.log.progress=False", "--upstream.log.progress=False",
             "--config.export_hf=False", "--upstream.export_hf=False"]
-  common += QUICK if args.quick else [f"--{scope}.vision_pretrain.steps={TOWER_STEPS}"
-                                       for scope in ("config", "upstream")]
+  common += QUICK if args.quick else [
+      f"--{scope}.{key}={value}" for scope in ("config", "upstream") for key, value in (
+          ("vision_pretrain.steps", TOWER_STEPS), ("data.synthetic_train", WORLD_IMAGES))]
   recipe = lambda *flags: [] if args.quick else list(flags)  # --quick keeps the presets'
   steps = lambda n: recipe(f"--config.total_steps={n}")
   stage0 = steps(STAGE0_STEPS)

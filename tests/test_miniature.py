@@ -273,7 +273,8 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
 
 
 def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monkeypatch):
-  """Without --quick: the tower's steps reach every stage (one shared cached tower), stage 0
+  """Without --quick: the tower's steps and the world's size reach every stage (one shared
+  cached tower, one world), stage 0
   of every seed's student gets STAGE0_STEPS, the teacher's TEACHER_STAGE0_STEPS, its
   instruction stage TEACHER_STEPS, and the rows add no step override; only the teacher's
   stage 0 changes the learning rate (TEACHER_STAGE0_LR). Training and scoring are stubbed;
@@ -299,8 +300,10 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
   with pytest.raises(Stop):
     miniature.main([f"--workdir={tmp_path}", "--rows=teacher,sft", "--seeds=0,1"])
-  tower = {f"--{s}.vision_pretrain.steps={miniature.TOWER_STEPS}" for s in ("config", "upstream")}
-  assert all(tower <= set(args) for _, _, args in calls)
+  shared = {f"--{s}.{k}={v}" for s in ("config", "upstream") for k, v in (  # One world.
+      ("vision_pretrain.steps", miniature.TOWER_STEPS),
+      ("data.synthetic_train", miniature.WORLD_IMAGES))}
+  assert all(shared <= set(args) for _, _, args in calls)
   steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
            for stage, where, args in calls]
   stage0 = [f"--config.total_steps={miniature.STAGE0_STEPS}"]
