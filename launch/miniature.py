@@ -16,9 +16,10 @@ Every student row gets the same instruction steps (configs/common.py TINY_DFT_ST
 TINY_SFT_STEPS) and the same stage 0; the distilled rows add DPT's caption steps (its KD
 needs a teacher, so the SFT row has none). Longer than the tiny preset's defaults, which
 only check the pipeline: a student's stage 0 (captions) takes STAGE0_STEPS, the teacher's
-TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction stage TEACHER_STEPS, and the
-shared tower TOWER_STEPS, the world WORLD_IMAGES training images; the students' LLM is
-STUDENT_TEXT wide (docs/RESULTS.md says why each was changed; --quick keeps the presets').
+TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction stage TEACHER_STEPS, a
+distilled row's DPT DPT_STEPS, the shared tower TOWER_STEPS, the world WORLD_IMAGES
+training images; the students' LLM is STUDENT_TEXT wide (docs/RESULTS.md says why each
+was changed; --quick keeps the presets').
 
 Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
 teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
@@ -94,6 +95,17 @@ TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
 # the student worse (docs/RESULTS.md 7., TL1 and SL1: each model measured at both).
 TEACHER_STAGE0_LR = 1e-3
 TEACHER_STEPS = 3000  # the teacher's instruction stage (finetune)
+# Distilled pre-training of the rows that distil (dpt, dpt_kd; the tiny preset's 40 steps).
+# With TAF it learns a new post-connector from scratch; after 40 steps its caption loss is
+# 0.99 (the student's own adapter: 0.50), it levels off at about 0.60 by step 150
+# (docs/RESULTS.md 8., DPT). dpt_kd gets the same steps, so the distilled rows stay matched.
+DPT_STEPS = 200
+# The attention term's weight in the rows that have it (the tiny preset's 300 suits its
+# barely trained models). On trained ones the term's gradient at weight 1 is 0.0145 of the
+# LM + KD gradient, so 300 makes it 4.3 times that and the update mostly attention; 15
+# makes it ~0.2, the share the tiny preset's weight was chosen for (docs/RESULTS.md,
+# "Attention weight").
+ATTN_WEIGHT = 15.0
 # The students' LLM width (the tiny preset's is 64; layers, heads and vocabulary stay). At
 # 64 a student learns what this world teaches about as well as the 128-wide teacher:
 # relations exactly as well, CR by caption likelihood within 0.03-0.06 of it. At 32 it
@@ -119,7 +131,8 @@ def check_recipe(work: str, quick: bool) -> dict:
   want = {"quick": quick, "tower_steps": TOWER_STEPS, "world_images": WORLD_IMAGES,
           "stage0_steps": STAGE0_STEPS,
           "teacher_stage0_steps": TEACHER_STAGE0_STEPS, "teacher_stage0_lr": TEACHER_STAGE0_LR,
-          "teacher_steps": TEACHER_STEPS, "student_text": STUDENT_TEXT}
+          "teacher_steps": TEACHER_STEPS, "dpt_steps": DPT_STEPS, "attn_weight": ATTN_WEIGHT,
+          "student_text": STUDENT_TEXT}
   path = os.path.join(work, "recipe.json")
   if os.path.isfile(path):
     with open(path) as f:
@@ -136,6 +149,21 @@ def check_recipe(work: str, quick: bool) -> dict:
     with open(path, "w") as f:
       json.dump(want, f, indent=1)
   return want
+
+
+def row_stages(row: str) -> list[tuple[str, str]]:
+  """A student row's stage folders after its stage 0, upstream first, from the stage graph,
+  each with its kind: "dpt" (captions with a teacher), "attention" (a stage with the
+  attention term) or ""."""
+  from cdx import config as config_lib
+  out, folder = [], ROWS[row]
+  while folder != "pretrain_student":
+    cfg = config_lib.load(registry.config_spec(folder, "tiny"))
+    kind = ("dpt" if cfg.use_teacher and cfg.data.train != "instruct.json" else
+            "attention" if cfg.loss.attn > 0 else "")
+    out.insert(0, (folder, kind))
+    folder = cfg.inputs.init
+  return out
 
 
 def student_size_flags() -> list[str]:
@@ -520,6 +548,7 @@ def main(argv=None) -> int:
   if args.student_override and not args.tag:
     p.error("--student_override needs --tag (its students go to seed<S>-<tag>/).")
   rows = [r for r in args.rows.split(",") if r]
+  student_rows = [r for r in rows if r != "teacher"]
   unknown = sorted(set(rows) - set(ROWS))
   if unknown or "teacher" not in rows or "sft" not in rows:
     p.error(f"rows must include teacher and sft and come from {list(ROWS)}; got {rows}")
@@ -534,6 +563,7 @@ def main(argv=None) -> int:
   recipe = lambda *flags: [] if args.quick else list(flags)  # --quick keeps the presets'
   steps = lambda n: recipe(f"--config.total_steps={n}")
   stage0 = steps(STAGE0_STEPS)
+  attn = recipe(f"--config.loss.attn={ATTN_WEIGHT}")
   t_start = time.time()
   from cdx.eval import baselines
   work = os.path.abspath(args.workdir)
@@ -585,11 +615,15 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 3
 
+  for s in seeds:  # Every student row of a seed starts from its one stage 0 (and DPT).
+    _link_shared(teacher_dir, seed_dir(s))
+    train("pretrain_student", seed_dir(s), common + seed_args(s) + stage0)
+    for dpt in sorted({f for r in student_rows for f, kind in row_stages(r) if kind == "dpt"}):
+      train(dpt, seed_dir(s), common + seed_args(s) + steps(DPT_STEPS))
   if "compodistill" in rows:  # The attention term's share of the gradient at DFT start.
-    train("dpt", seed_dir(seeds[0]), common + seed_args(seeds[0]))
     cache = os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json")
     if not os.path.isfile(cache):
-      share = attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]),
+      share = attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]) + attn,
                               args.share_batches)
       with open(cache, "w") as f:
         json.dump(share, f)
@@ -597,15 +631,14 @@ def main(argv=None) -> int:
       meta["attention_share"] = json.load(f)
     print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
 
-  for s in seeds:  # Every student row of a seed starts from its one stage 0.
-    _link_shared(teacher_dir, seed_dir(s))
-    train("pretrain_student", seed_dir(s), common + seed_args(s) + stage0)
   evals = {"teacher": [teacher]}
   finals = {}
-  for row in rows[1:] if rows[0] == "teacher" else [r for r in rows if r != "teacher"]:
+  for row in student_rows:
     evals[row] = []
     for s in seeds:
-      final = train(ROWS[row], seed_dir(s), common + seed_args(s))
+      for folder, kind in row_stages(row):  # The DPTs are done; "attention": the weight.
+        final = train(folder, seed_dir(s), common + seed_args(s) + (
+            attn if kind == "attention" else []))
       evals[row].append(score(final))
       if s == seeds[0]:
         finals[row] = final

@@ -87,10 +87,17 @@ def test_miniature_rows_differ_only_in_their_terms(row):
   assert names[-1] == "pretrain_student" and len(names) == 4, names
   sft, dft, dpt = chain[:3]
   taf, kd, attn = _ROW_TERMS[row]
+  # What the miniature trains after stage 0, and where its DPT steps and weight go.
+  assert miniature.row_stages(row) == [
+      (dpt.name, "dpt"), (dft.name, "attention" if attn else ""), (sft.name, "")]
   assert {sft.taf, dft.taf, dpt.taf} == {taf}
   assert (dft.loss.kd, dft.loss.attn > 0) == (kd, attn)
   assert dpt.loss.attn == 0 and (sft.loss.kd, sft.loss.attn) == (0, 0)
   assert not sft.use_teacher and dft.use_teacher and dpt.use_teacher
+
+
+def test_miniature_sft_row_is_one_stage():
+  assert miniature.row_stages("sft") == [("finetune_student", "")]
 
 
 def test_miniature_student_rows_are_step_matched():

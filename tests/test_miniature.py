@@ -274,11 +274,11 @@ def test_tiny_preset_takes_the_pretrained_tower_shared_and_cached(tmp_path):
 
 def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monkeypatch):
   """Without --quick: the tower's steps and the world's size reach every stage (one shared
-  cached tower, one world), stage 0
-  of every seed's student gets STAGE0_STEPS, the teacher's TEACHER_STAGE0_STEPS, its
-  instruction stage TEACHER_STEPS, and the rows add no step override; only the teacher's
-  stage 0 changes the learning rate (TEACHER_STAGE0_LR). Training and scoring are stubbed;
-  the run stops at the first row's training."""
+  cached tower, one world), stage 0 of every seed's student gets STAGE0_STEPS, the
+  teacher's TEACHER_STAGE0_STEPS, its instruction stage TEACHER_STEPS, every seed's DPTs
+  DPT_STEPS, and the rows add no step override; only the teacher's stage 0 changes the
+  learning rate (TEACHER_STAGE0_LR). Training and scoring are stubbed; the run stops at
+  the first row's training."""
   from launch import miniature
   calls = []
 
@@ -287,36 +287,46 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
 
   def train(stage, workdir, args):
     calls.append((stage, os.path.basename(workdir), args))
-    if stage == "finetune_student" and len(calls) > 4:  # the first row, after the gate
+    if stage == "sft":  # compodistill's last stage, the last row's
       raise Stop
+    os.makedirs(os.path.join(workdir, stage), exist_ok=True)
     return os.path.join(workdir, stage)
 
   monkeypatch.setattr(miniature, "train", train)
+  monkeypatch.setattr(miniature, "attention_share", lambda *a: {"share": 0.2})
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: {"passed": True, "checks": {}})
   monkeypatch.setattr(miniature, "grounding", lambda *a: {})
   from cdx.eval import baselines
   monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
+  rows = ["--rows=teacher,sft,kd,compodistill"]
   with pytest.raises(Stop):
-    miniature.main([f"--workdir={tmp_path}", "--rows=teacher,sft", "--seeds=0,1"])
+    miniature.main([f"--workdir={tmp_path}", *rows, "--seeds=0,1"])
   shared = {f"--{s}.{k}={v}" for s in ("config", "upstream") for k, v in (  # One world.
       ("vision_pretrain.steps", miniature.TOWER_STEPS),
       ("data.synthetic_train", miniature.WORLD_IMAGES))}
   assert all(shared <= set(args) for _, _, args in calls)
   steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
-           for stage, where, args in calls]
+           for stage, where, args in calls[:11]]
   stage0 = [f"--config.total_steps={miniature.STAGE0_STEPS}"]
+  dpt = [f"--config.total_steps={miniature.DPT_STEPS}"]  # Both DPTs: the rows stay matched.
   assert steps == [
       ("pretrain", "teacher", [f"--config.total_steps={miniature.TEACHER_STAGE0_STEPS}"]),
       ("finetune", "teacher", [f"--config.total_steps={miniature.TEACHER_STEPS}"]),
       ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", []),  # the gate
-      ("pretrain_student", "seed0", stage0), ("pretrain_student", "seed1", stage0),
+      *[(stage, f"seed{s}", stage0 if stage == "pretrain_student" else dpt)
+        for s in (0, 1) for stage in ("pretrain_student", "dpt", "dpt_kd")],
       ("finetune_student", "seed0", [])]
   lrs = [(stage, [a for a in args if a.startswith("--config.optim.lr")])
          for stage, _, args in calls]
   assert lrs[0] == ("pretrain", [f"--config.optim.lr={miniature.TEACHER_STAGE0_LR}"])
   assert all(not lr for _, lr in lrs[1:])
+  # The attention weight goes to the stages with the attention term, and only there.
+  attn = f"--config.loss.attn={miniature.ATTN_WEIGHT}"
+  assert [stage for stage, _, args in calls if attn in args] == ["dft"]
+  assert calls[-1][0] == "sft" and ("dft_kd", "seed1", ) in [c[:2] for c in calls]
+  calls[:] = calls[:11]
   width = set(miniature.student_size_flags())  # Every student stage, never the teacher.
   assert [width <= set(args) for _, where, args in calls] == [
       where != "teacher" for _, where, _ in calls]
@@ -324,8 +334,8 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   assert json.load(open(tmp_path / "recipe.json"))["student_text"] == miniature.STUDENT_TEXT
   monkeypatch.setattr(miniature, "STUDENT_TEXT", dict(miniature.STUDENT_TEXT, hidden_size=48))
   with pytest.raises(SystemExit, match="student_text.*Use another --workdir"):
-    miniature.main([f"--workdir={tmp_path}", "--rows=teacher,sft", "--seeds=0,1"])
-  assert len(calls) == 7  # Refused before anything trains.
+    miniature.main([f"--workdir={tmp_path}", *rows, "--seeds=0,1"])
+  assert len(calls) == 11  # Refused before anything trains.
 
 
 def test_recipe_student_width_gives_valid_student_configs():
