@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import registry  # noqa: E402
 from launch import run  # noqa: E402
-from launch.miniature_report import cr_all, markdown, plots, summarize  # noqa: E402,F401
+from launch.miniature_report import cr_all, markdown, plots, summarize  # noqa: E402
 
 ROWS = {  # row -> the stage folder of its final model
     "teacher": "finetune",
