@@ -31,7 +31,9 @@ keeps the steps and widths, and a run with others refuses the folder.
 The GATE runs before any student row but the first seed's SFT student: the teacher's seen
 VQA >= 0.85, its VQA on images >= 0.4 above its VQA on grey images (the blind row), and its
 CR >= 0.10 above the step-matched SFT student's. A failed gate stops the run (exit 3) and
-says which check failed; `--quick` reports it without stopping.
+says which check failed; `--quick` reports it without stopping, and `--ignore_gate` trains
+the rows anyway, marking the gate as ignored in the table and miniature.json (for a
+teacher that fails a check but still leads the students, e.g. on VQA alone).
 
 Scoring (docs/RESULTS.md, "Statistics"): CR by caption likelihood (right iff the true
 caption is likelier than the false one given the image, `cdx.eval.protocols` "caption") on
@@ -393,6 +395,8 @@ def main(argv=None) -> int:
                       "loss.attn_variant=mse); needs --tag")
   p.add_argument("--tag", default="", help="names an ablation's seed folders and outputs")
   p.add_argument("--quick", action="store_true", help="2 steps per stage: a pipeline check")
+  p.add_argument("--ignore_gate", action="store_true",
+                 help="train the student rows even if the gate fails; the outputs say so")
   args = p.parse_args(argv)
   if args.student_override and not args.tag:
     p.error("--student_override needs --tag (its students go to seed<S>-<tag>/).")
@@ -455,7 +459,8 @@ def main(argv=None) -> int:
         f"teacher loss per token with real / grey / another image: " + ", ".join(
             f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"
             for k, v in gate["teacher_grounding"].items()), flush=True)
-  if not gate["passed"] and not args.quick:
+  gate["ignored"] = not gate["passed"] and args.ignore_gate
+  if not gate["passed"] and not args.quick and not args.ignore_gate:
     meta["wall_s"] = time.time() - t_start
     with open(os.path.join(work, out_name + ".json"), "w") as f:
       json.dump({"meta": meta, "teacher": teacher["cr"], "blind": blind["cr"]}, f, indent=1)
@@ -463,6 +468,9 @@ def main(argv=None) -> int:
           + ". Adjust the world or the teacher's steps/sizes first (docs/RESULTS.md).",
           file=sys.stderr)
     return 3
+  if gate["ignored"]:
+    print("[miniature] GATE FAILED, the student rows are trained anyway (--ignore_gate): "
+          + "; ".join(gate["failed"]), file=sys.stderr)
 
   for s in seeds:  # Every student row of a seed starts from its one stage 0 (and DPT).
     _link_shared(teacher_dir, seed_dir(s))

@@ -104,6 +104,9 @@ def markdown(summary: dict, meta: dict) -> str:
   gate = meta["gate"]
   lines += ["", f"Gate: {'passed' if gate['passed'] else 'FAILED'} " + ", ".join(
       f"{k} = {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["checks"].items())]
+  if gate.get("ignored"):
+    lines.append("The gate FAILED and the rows were trained anyway (--ignore_gate): they "
+                 "measure distillation from a teacher short of the gate, not the recipe's.")
   if "teacher_grounding" in gate:
     lines.append("Teacher loss per token, real / grey / another sample's image: " + "; ".join(
         f"{k} {v['real']:.3f} / {v['grey']:.3f} / {v['other']:.3f}"

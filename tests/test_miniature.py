@@ -104,7 +104,11 @@ def test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure():
   kd = s["rows"]["kd"]["cr"]
   assert f"| kd | 2 | {kd['mean']:.3f} ± {kd['std']:.3f} |" in text
   assert s["rows"]["kd"]["cr_option"]["mean"] == 0.5  # the two-choice column, beside it
-  assert "SMOKE" not in text and f"{g['closure']:.3f}" in text
+  assert "SMOKE" not in text and f"{g['closure']:.3f}" in text and "anyway" not in text
+  ignored = dict(gate, passed=False, ignored=True)  # rows trained past a failed gate
+  text = miniature.markdown(s, {"quick": False, "command": "c", "wall_s": 1.0,
+                                "seeds": [0, 1], "gate": ignored})
+  assert "Gate: FAILED" in text and "trained anyway (--ignore_gate)" in text
   # A row scored on other items than the teacher's is refused.
   evals["kd"][1] = _fake_eval({k: 1.0 for k in keys[:-1]}, 0.6)
   with pytest.raises(SystemExit, match="row kd: scored other items"):
@@ -336,6 +340,43 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   with pytest.raises(SystemExit, match="student_text.*Use another --workdir"):
     miniature.main([f"--workdir={tmp_path}", *rows, "--seeds=0,1"])
   assert len(calls) == 11  # Refused before anything trains.
+
+
+def test_failed_gate_stops_before_the_rows_unless_ignored(tmp_path, monkeypatch, capsys):
+  """A failed gate ends the run with exit 3 after the gate's two student stages, naming
+  the failed check; with --ignore_gate the rows are trained, and the run says so."""
+  from launch import miniature
+  calls = []
+
+  class Stop(Exception):
+    pass
+
+  def train(stage, workdir, args):
+    calls.append(stage)
+    if stage == "dpt_kd":  # the first stage past the gate
+      raise Stop
+    return os.path.join(workdir, stage)
+
+  failed = {"checks": {"teacher_vqa": 0.7}, "thresholds": miniature.GATE, "passed": False,
+            "failed": ["teacher_vqa = 0.700 < 0.85"]}
+  monkeypatch.setattr(miniature, "train", train)
+  monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
+  monkeypatch.setattr(miniature, "check_gate", lambda *a: dict(failed))
+  monkeypatch.setattr(miniature, "grounding", lambda *a: {})
+  from cdx.eval import baselines
+  monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
+  monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
+  argv = [f"--workdir={tmp_path}", "--rows=teacher,sft,kd", "--seeds=0"]
+  assert miniature.main(argv) == 3
+  assert calls == ["pretrain", "finetune", "pretrain_student", "finetune_student"]
+  assert "GATE FAILED, no student row was trained: teacher_vqa = 0.700" in (
+      capsys.readouterr().err)
+  meta = json.load(open(tmp_path / "miniature.json"))["meta"]
+  assert meta["gate"]["passed"] is False and meta["gate"]["ignored"] is False
+  with pytest.raises(Stop):
+    miniature.main(argv + ["--ignore_gate"])
+  assert calls[-1] == "dpt_kd"
+  assert "trained anyway (--ignore_gate): teacher_vqa" in capsys.readouterr().err
 
 
 def test_recipe_student_width_gives_valid_student_configs():
