@@ -86,6 +86,34 @@ def test_world_exported_by_older_code_is_refused_in_one_line(tmp_path, capsys):
   assert not os.path.exists(tmp_path / "pretrain" / "DONE")
 
 
+_REFUSED_WORKER = """
+from cdx import parallel
+parallel.initialize(cpu_collectives="gloo")
+import os
+from cdx import config as config_lib
+from cdx.train import setup
+cfg = config_lib.load("configs/pretrain.py:tiny")
+try:
+  setup.prepare_data(cfg, os.environ["CDX_TEST_WORKDIR"])
+  emit("prepared")
+except setup.UserError as e:
+  emit(str(e))
+"""
+
+
+def test_every_host_stops_when_process_0_refuses_the_world(tmp_path):
+  """Two processes: process 0 refuses an old export; the other one, which only waits
+  for process 0's world, stops with the same message instead of waiting forever."""
+  from tests.multiprocess import run_workers
+  os.makedirs(tmp_path / "data")
+  (tmp_path / "data" / "READY").write_text(json.dumps({"world_version": 0}))
+  messages = run_workers(_REFUSED_WORKER, local_devices=(1, 1), timeout=120,
+                         env={"CDX_TEST_WORKDIR": str(tmp_path)})
+  assert messages[0] == messages[1]
+  assert messages[0].startswith("data: ") and "delete that folder" in messages[0]
+  assert not os.path.exists(tmp_path / "data" / "pretrain.json")  # nothing overwritten
+
+
 def test_synthetic_defaults_pass_validation():
   for spec in ("configs/pretrain.py:tiny", "configs/dft.py:tiny", "configs/sft.py:paper"):
     setup.validate(config_lib.load(spec))

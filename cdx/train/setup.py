@@ -162,13 +162,20 @@ def prepare_data(cfg, workdir: str) -> tuple[Any, tokenizer_lib.TokenIds, list[s
   if data.synthetic:
     from cdx.data.synthetic import export  # Only tiny runs need the renderer.
     root = os.path.join(workdir, "data")
+    error = None
     if jax.process_index() == 0:
       try:
         export.ensure(root, data.synthetic_train, data.world_seed, vocab_size=1024,
                       num_cr=data.num_cr, format_frac=data.format_frac)
       except ValueError as e:  # An export made with other settings or by older code.
-        raise UserError(f"data: {e}") from None
-    ckpt_lib.sync("cdx_synthetic_data")  # Other hosts read what process 0 wrote.
+        error = f"data: {e}"
+      except OSError as e:  # e.g. a full or read-only disk
+        error = f"data: could not write the synthetic world to {root}: {e}"
+    # Other hosts read what process 0 wrote, so they wait for it, and stop with it if it
+    # could not write the world (a plain barrier would leave them waiting forever).
+    error = ckpt_lib.gather_per_process(error)[0]
+    if error:
+      raise UserError(error)
     tok_path = os.path.join(root, "tokenizer")
   missing = [f"data.{k}" for k, v in (("train", data.train), ("tokenizer", tok_path)) if not v]
   where = " (the synthetic world's folder; for your own data add --config.data.synthetic=False)" \
