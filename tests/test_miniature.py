@@ -280,9 +280,10 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   """Without --quick: the tower's steps and the world's size reach every stage (one shared
   cached tower, one world), stage 0 of every seed's student gets STAGE0_STEPS, the
   teacher's TEACHER_STAGE0_STEPS, its instruction stage TEACHER_STEPS, every seed's DPTs
-  DPT_STEPS, and the rows add no step override; only the teacher's stage 0 changes the
-  learning rate (TEACHER_STAGE0_LR). Training and scoring are stubbed; the run stops at
-  the first row's training."""
+  DPT_STEPS, every DFT and SFT stage STUDENT_STEPS and the SFT row their sum, so every
+  row gets the same instruction steps; only the teacher's stage 0 changes the learning
+  rate (TEACHER_STAGE0_LR). Training and scoring are stubbed; the run stops at
+  compodistill's last stage."""
   from launch import miniature
   calls = []
 
@@ -313,15 +314,24 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   assert all(shared <= set(args) for _, _, args in calls)
   steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
            for stage, where, args in calls[:11]]
-  stage0 = [f"--config.total_steps={miniature.STAGE0_STEPS}"]
-  dpt = [f"--config.total_steps={miniature.DPT_STEPS}"]  # Both DPTs: the rows stay matched.
+  flag = lambda n: [f"--config.total_steps={n}"]
+  stage0, dpt = flag(miniature.STAGE0_STEPS), flag(miniature.DPT_STEPS)  # Both DPTs alike.
+  dft, sft = flag(miniature.STUDENT_STEPS["dft"]), flag(miniature.STUDENT_STEPS["sft"])
+  sft_row = flag(miniature.STUDENT_STEPS["dft"] + miniature.STUDENT_STEPS["sft"])
   assert steps == [
-      ("pretrain", "teacher", [f"--config.total_steps={miniature.TEACHER_STAGE0_STEPS}"]),
-      ("finetune", "teacher", [f"--config.total_steps={miniature.TEACHER_STEPS}"]),
-      ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", []),  # the gate
+      ("pretrain", "teacher", flag(miniature.TEACHER_STAGE0_STEPS)),
+      ("finetune", "teacher", flag(miniature.TEACHER_STEPS)),
+      ("pretrain_student", "seed0", stage0), ("finetune_student", "seed0", sft_row),  # gate
       *[(stage, f"seed{s}", stage0 if stage == "pretrain_student" else dpt)
         for s in (0, 1) for stage in ("pretrain_student", "dpt", "dpt_kd")],
-      ("finetune_student", "seed0", [])]
+      ("finetune_student", "seed0", sft_row)]
+  rows_steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
+                for stage, where, args in calls[11:]]
+  assert rows_steps == [
+      ("finetune_student", "seed1", sft_row),
+      *[(stage, f"seed{s}", n) for s in (0, 1)
+        for stage, n in (("dpt_kd", dpt), ("dft_kd", dft), ("sft_kd", sft))],
+      ("dpt", "seed0", dpt), ("dft", "seed0", dft), ("sft", "seed0", sft)]
   lrs = [(stage, [a for a in args if a.startswith("--config.optim.lr")])
          for stage, _, args in calls]
   assert lrs[0] == ("pretrain", [f"--config.optim.lr={miniature.TEACHER_STAGE0_LR}"])
@@ -329,7 +339,6 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   # The attention weight goes to the stages with the attention term, and only there.
   attn = f"--config.loss.attn={miniature.ATTN_WEIGHT}"
   assert [stage for stage, _, args in calls if attn in args] == ["dft"]
-  assert calls[-1][0] == "sft" and ("dft_kd", "seed1", ) in [c[:2] for c in calls]
   calls[:] = calls[:11]
   width = set(miniature.student_size_flags())  # Every student stage, never the teacher.
   assert [width <= set(args) for _, where, args in calls] == [
