@@ -16,11 +16,10 @@ Every student row gets the same instruction steps (STUDENT_STEPS: DFT then SFT, 
 sum in the SFT row's one stage) and the same stage 0; the distilled rows add DPT's caption
 steps (its KD needs a teacher, so the SFT row has none). Longer than the tiny preset's
 defaults, which only check the pipeline: a student's stage 0 (captions) takes
-STAGE0_STEPS, the teacher's
-TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction stage TEACHER_STEPS, a
-distilled row's DPT DPT_STEPS, the shared tower TOWER_STEPS, the world WORLD_IMAGES
-training images; the students' LLM is STUDENT_TEXT wide (docs/RESULTS.md says why each
-was changed; --quick keeps the presets').
+STAGE0_STEPS, the teacher's TEACHER_STAGE0_STEPS at TEACHER_STAGE0_LR, its instruction
+stage TEACHER_STEPS, a distilled row's DPT DPT_STEPS, the shared tower TOWER_STEPS, the
+world WORLD_IMAGES training images; the students' LLM is STUDENT_TEXT wide
+(docs/RESULTS.md says why each was changed; --quick keeps the presets').
 
 Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (vision/) and the
 teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
