@@ -65,7 +65,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from configs import registry  # noqa: E402
 from launch import run  # noqa: E402
@@ -131,6 +132,11 @@ QUICK = ["--config.total_steps=2", "--upstream.total_steps=2",
 
 # ----------------------------------------------------------------------------- training
 
+def spec(folder: str) -> str:
+  """The `--config=` of stage folder `folder` on the tiny preset, from any directory."""
+  return registry.config_spec(folder, "tiny", os.path.join(ROOT, "configs"))
+
+
 def check_recipe(work: str, quick: bool) -> dict:
   """Writes the recipe (steps, widths) to work/recipe.json on the first run; refuses a
   workdir whose finished stages were trained with another one, since they would be
@@ -165,7 +171,7 @@ def row_stages(row: str) -> list[tuple[str, str]]:
   from cdx import config as config_lib
   out, folder = [], ROWS[row]
   while folder != "pretrain_student":
-    cfg = config_lib.load(registry.config_spec(folder, "tiny"))
+    cfg = config_lib.load(spec(folder))
     kind = ("dpt" if cfg.use_teacher and cfg.data.train != "instruct.json" else
             "attention" if cfg.loss.attn > 0 else "")
     out.insert(0, (folder, kind))
@@ -177,7 +183,7 @@ def student_steps(folder: str) -> int:
   """The recipe's steps of a student stage folder, by its stage kind: stage 0, a DPT, a
   DFT, an SFT, or the SFT row's finetune_student (DFT + SFT)."""
   from cdx import config as config_lib
-  stage = config_lib.load(registry.config_spec(folder, "tiny")).stage
+  stage = config_lib.load(spec(folder)).stage
   return {"pretrain": STAGE0_STEPS, "dpt": DPT_STEPS, **STUDENT_STEPS,
           "finetune": sum(STUDENT_STEPS.values())}[stage]
 
@@ -199,7 +205,7 @@ def _link_shared(teacher_dir: str, seed_dir: str) -> None:
 
 def train(stage: str, workdir: str, common: list[str]) -> str:
   """Builds stage folder `stage` (and its missing upstream) in workdir; returns its path."""
-  config = registry.config_spec(stage, "tiny")
+  config = spec(stage)
   t0 = time.time()
   if run.main([f"--config={config}", f"--workdir={workdir}", *common]) != 0:
     raise SystemExit(f"{config} in {workdir} failed (see above).")
@@ -324,7 +330,7 @@ def attention_share(workdir: str, common: list[str], batches: int) -> dict:
   from cdx import paths as paths_lib
   from cdx.analysis import gradients
   from cdx.train import setup
-  cfg = config_lib.load(registry.config_spec("dft", "tiny"),
+  cfg = config_lib.load(spec("dft"),
                         [a for a in common if a.startswith("--config.")])
   s = setup.build(cfg, workdir)
   params = paths_lib.merge(s.state["params"], s.frozen)

@@ -283,7 +283,7 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   DPT_STEPS, every DFT and SFT stage STUDENT_STEPS and the SFT row their sum, so every
   row gets the same instruction steps; only the teacher's stage 0 changes the learning
   rate (TEACHER_STAGE0_LR). Training and scoring are stubbed; the run stops at
-  compodistill's last stage."""
+  compodistill's last stage. It runs from another directory than the repository's."""
   from launch import miniature
   calls = []
 
@@ -298,6 +298,7 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
     return os.path.join(workdir, stage)
 
   monkeypatch.setattr(miniature, "train", train)
+  monkeypatch.chdir(tmp_path)  # The stage configs are found from anywhere.
   monkeypatch.setattr(miniature, "attention_share", lambda *a: {"share": 0.2})
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: {"passed": True, "checks": {}})
