@@ -118,6 +118,16 @@ def markdown(summary: dict, meta: dict) -> str:
     if rel and rel["tokens"]:
       lines.append(f"Relation word in two-object captions (the image decides it), real / "
                    f"another image: {rel['real']:.3f} / {rel['other']:.3f}.")
+  per_type = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in sorted(d.items()))
+  seen = gate.get("teacher_vqa_types")
+  if seen:
+    lines.append(f"Teacher VQA per type, the gate's seen items: {per_type(seen)}.")
+  if "teacher_train_vqa" in gate:
+    t = gate["teacher_train_vqa"]
+    lines.append(f"Teacher VQA on {t['n']} questions about its own training images: "
+                 f"{t['accuracy']:.3f} ({per_type(t['by_category'])}); low here and on the "
+                 "gate's items = not learnt (steps, sizes); low on the gate's only = not "
+                 "carried to new images.")
   share = meta.get("attention_share")
   if share:
     lines.append(f"Attention term at DFT start: |g_attn| / |g_lm+kd| = {share['ratio']:.3f} at "

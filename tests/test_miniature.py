@@ -12,6 +12,7 @@ import pytest
 
 from cdx import paths
 from cdx.analysis import gradients
+from cdx.data.synthetic import text
 from cdx.eval import compare
 from tests import launcher
 from tests import test_step
@@ -210,6 +211,10 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   assert set(grounding) == {"pretrain", "instruct", "pretrain_2obj"}
   assert grounding["pretrain_2obj"]["classes"]["relation"]["tokens"] > 0
   assert "Relation word in two-object captions" in (work / "miniature.md").read_text()
+  train_vqa = result["meta"]["gate"]["teacher_train_vqa"]  # About the teacher's own images.
+  assert train_vqa["n"] == 14 and set(train_vqa["by_category"]) == set(text.QUESTIONS)
+  assert set(result["meta"]["gate"]["teacher_vqa_types"]) <= set(text.QUESTIONS)
+  assert "questions about its own training images" in (work / "miniature.md").read_text()
   assert result["meta"]["attention_share"]["batches"] == 4
   assert result["summary"]["gap_closure"] is not None
   assert {"kd - sft", "compodistill - kd"} <= set(result["summary"]["pairs"])
@@ -303,6 +308,7 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: {"passed": True, "checks": {}})
   monkeypatch.setattr(miniature, "grounding", lambda *a: {})
+  monkeypatch.setattr(miniature, "train_vqa", lambda *a: {"accuracy": 0.5})
   from cdx.eval import baselines
   monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
@@ -373,6 +379,7 @@ def test_failed_gate_stops_before_the_rows_unless_ignored(tmp_path, monkeypatch,
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: dict(failed))
   monkeypatch.setattr(miniature, "grounding", lambda *a: {})
+  monkeypatch.setattr(miniature, "train_vqa", lambda *a: {"accuracy": 0.5})
   from cdx.eval import baselines
   monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})

@@ -235,6 +235,27 @@ def test_vqa_sets_balance_types_and_yes_no_answers(pool):
     assert answers == {"Yes": 2, "No": 2}, (kind, answers)
 
 
+def test_train_vqa_items_ask_about_the_given_training_scene():
+  # The check of a model on its own training images: true answers about that scene,
+  # question types taking turns, yes/no answers alternating; None where a type does not
+  # apply (a relation or "which" question about a one-object scene).
+  scenes = [text.instruct_record(i, SEED, SEEN)[1] for i in range(60)]
+  scenes = [s for s in scenes if s is not None]
+  items = []
+  for scene in scenes:
+    item = text.train_vqa_item(len(items), scene, "img.png", SEED, SEEN)
+    if item is None:
+      continue
+    assert item["answer"] == answer_of(item["text"], scene), item
+    assert item["image"] == "img.png" and item["question_id"] == len(items)
+    items.append(item)
+  assert len(items) >= 0.7 * len(scenes), (len(items), len(scenes))
+  per_turn = len(text.QUESTIONS)
+  assert [it["category"] for it in items[:per_turn]] == list(text.QUESTIONS)
+  relation = [it["answer"] for it in items if it["category"] == "relation"]
+  assert relation[:2] == ["Yes", "No"], relation
+
+
 def _diff(pos, neg):
   return [(a, b) for a, b in zip(content_words(pos), content_words(neg)) if a != b]
 

@@ -49,7 +49,7 @@ NUMBERS = ("0", "1", "2", "3", "4")
 WORD_CLASSES = {"color": tuple(world.COLORS),
                 "shape": world.SHAPES + tuple(world.PLURALS.values()),
                 "size": world.SIZES, "relation": world.RELATIONS, "count": NUMBERS}
-_STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4,
+_STREAMS = {"pretrain": 1, "instruct": 2, "vqa": 3, "winoground": 4, "train_vqa": 5,
             **{f"sugarcrepe_{s}": 10 + i for i, s in enumerate(SUGARCREPE_SUBSETS)}}
 
 
@@ -358,6 +358,19 @@ def instruct_record(index: int, seed: int, pool: Pool, text_only_frac: float = 0
 # ---------------------------------------------------------------------------------------
 # Evaluation sets.
 
+def _vqa_kind(index: int, focus: int | None) -> tuple[str, str | None]:
+  """Item `index`'s question type and, for a yes/no type, the answer it must have: types
+  take turns, and a yes/no type's answer alternates with each of its turns."""
+  kinds = [k for k in QUESTIONS if not (focus is not None and k == "count")]
+  kind = kinds[index % len(kinds)]
+  return kind, ("Yes", "No")[(index // len(kinds)) % 2] if kind in YES_NO else None
+
+
+def _vqa_record(index: int, image: str, qa: QA, kind: str) -> dict:
+  return {"question_id": index, "image": image, "text": qa[0] + VQA_SUFFIX,
+          "answer": qa[1], "category": kind}
+
+
 def vqa_item(index: int, seed: int, pool: Pool, image_dir: str) -> tuple[dict, world.Scene]:
   """Item `index` of a VQA set, balanced by construction.
 
@@ -368,17 +381,27 @@ def vqa_item(index: int, seed: int, pool: Pool, image_dir: str) -> tuple[dict, w
   """
   rng = _rng(seed, "vqa", index)
   focus = 0 if pool.focus else None
-  kinds = [k for k in QUESTIONS if not (focus is not None and k == "count")]
-  kind = kinds[index % len(kinds)]
-  want = ("Yes", "No")[(index // len(kinds)) % 2] if kind in YES_NO else None
+  kind, want = _vqa_kind(index, focus)
   while True:
     scene = pool.scene(rng)
     qa = ask(kind, scene, rng, pool, focus)
     if qa is not None and want in (None, qa[1]):
       break
-  image = f"{image_dir}/vqa_{index:06d}.png"
-  return {"question_id": index, "image": image, "text": qa[0] + VQA_SUFFIX,
-          "answer": qa[1], "category": kind}, scene
+  return _vqa_record(index, f"{image_dir}/vqa_{index:06d}.png", qa, kind), scene
+
+
+def train_vqa_item(index: int, scene: world.Scene, image: str, seed: int, pool: Pool,
+                   tries: int = 16) -> dict | None:
+  """A VQA item of `vqa_item`'s balanced kind about a given scene (a training image's:
+  does a model answer about the images it was trained on?), or None where that kind
+  cannot be asked of it (e.g. a relation in a one-object scene)."""
+  rng = _rng(seed, "train_vqa", index)
+  kind, want = _vqa_kind(index, None)
+  for _ in range(tries):
+    qa = ask(kind, scene, rng, pool)
+    if qa is not None and want in (None, qa[1]):
+      return _vqa_record(index, image, qa, kind)
+  return None
 
 
 def _cue(subset: str, index: int, pool: Pool) -> str | None:
