@@ -83,9 +83,11 @@ def test_params_have_the_mllm_vision_layout_and_are_cached(tmp_path):
 def test_probe_reads_colour_from_pixels():
   # Even a random tower keeps colour (mean pixel values) linearly readable.
   r = vp.probe(vp.random_vision(SMALL), SMALL, num_train=200, num_test=100)
-  assert set(r) == {"shape", "color", "size", "column", "row", "relation", "chance"}
+  assert set(r) == {"shape", "color", "size", "column", "row", "relation", "patch_shape",
+                    "patch_color", "patch_size", "chance"}
   assert set(r["chance"]) == set(r) - {"chance"}
   assert r["color"] > r["chance"]["color"] + 0.3
+  assert r["patch_color"] > r["chance"]["patch_color"] + 0.3  # One patch: one colour.
 
 
 @pytest.mark.slow
@@ -107,3 +109,4 @@ def test_pretraining_makes_attributes_and_position_linearly_readable(tmp_path):
   assert after["column"] > before["column"] + 0.2, (before, after)
   assert after["row"] > before["row"] + 0.2, (before, after)
   assert after["relation"] > before["relation"] + 0.2, (before, after)
+  assert after["patch_shape"] > before["patch_shape"] + 0.05, (before, after)

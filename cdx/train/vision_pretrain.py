@@ -405,26 +405,31 @@ def random_vision(vision_cfg, feature_layer: int = -2, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------
 # Linear probe.
 
-def _object_features(vision, vision_cfg, feature_layer, scenes) -> tuple[np.ndarray, list]:
+def _patch_features(vision, vision_cfg, feature_layer, scenes) -> np.ndarray:
+  """float64 [S, g, g, D]: the encoder's features of each scene's patches (g x g grid)."""
+  encoder = siglip.Encoder(vision_cfg, feature_layer)
+  g = vision_cfg.image_size // vision_cfg.patch_size
+  apply = jax.jit(lambda px: encoder.apply({"params": vision}, px))
+  return np.concatenate([
+      np.asarray(apply(pixels(scenes[i:i + 256], vision_cfg.image_size)), np.float64)
+      for i in range(0, len(scenes), 256)]).reshape(len(scenes), g, g, -1)
+
+
+def _object_features(feats, vision_cfg, scenes) -> tuple[np.ndarray, list]:
   """Per object: the mean feature of the patches whose centre lies within its bounding
   circle (at least the patch under its centre) [M, D], and the objects."""
-  encoder = siglip.Encoder(vision_cfg, feature_layer)
   size, p = vision_cfg.image_size, vision_cfg.patch_size
   g = size // p
   centres = (np.arange(g) + 0.5) * p / size  # patch centres, normalized
-  apply = jax.jit(lambda px: encoder.apply({"params": vision}, px))
-  feats, objs = [], []
-  for start in range(0, len(scenes), 256):
-    chunk = scenes[start:start + 256]
-    f = np.asarray(apply(pixels(chunk, size))).reshape(len(chunk), g, g, -1)
-    for b, s in enumerate(chunk):
-      for o in s.objects:
-        inside = np.hypot(centres[None, :] - o.x, centres[:, None] - o.y) <= world.RADIUS[o.size]
-        row, col = world.pixel_of(o, size)
-        inside[min(row // p, g - 1), min(col // p, g - 1)] = True
-        feats.append(f[b][inside].mean(0))
-        objs.append(o)
-  return np.stack(feats).astype(np.float64), objs
+  out, objs = [], []
+  for f, s in zip(feats, scenes):
+    for o in s.objects:
+      inside = np.hypot(centres[None, :] - o.x, centres[:, None] - o.y) <= world.RADIUS[o.size]
+      row, col = world.pixel_of(o, size)
+      inside[min(row // p, g - 1), min(col // p, g - 1)] = True
+      out.append(f[inside].mean(0))
+      objs.append(o)
+  return np.stack(out), objs
 
 
 def _ridge_accuracy(x_tr, y_tr, x_te, y_te, classes, lam: float = 1.0) -> float:
@@ -447,13 +452,16 @@ def probe(vision, vision_cfg, feature_layer: int = -2, seed: int = 1234,
   and the third of the image its centre lies in ("column", "row"), from the mean feature
   of its patches; and "relation", the relation of a scene's first object to its second
   (`world.primary_relation`) from their two features side by side (scenes with 2+
-  objects). Returns {probe: accuracy, "chance": {probe: the test share of its most
+  objects); and "patch_shape", "patch_color", "patch_size", the class of the object under
+  each single patch from that patch's feature (every patch inside an object's bounding
+  circle): what an attention query can pick image tokens by. Returns {probe: accuracy, "chance": {probe: the test share of its most
   frequent class}}.
   """
   vision_cfg = siglip.get_config(vision_cfg)
   scenes = [world.sample_scene(np.random.default_rng([seed, 99, i]))
             for i in range(num_train + num_test)]
-  x, objs = _object_features(vision, vision_cfg, feature_layer, scenes)
+  feats = _patch_features(vision, vision_cfg, feature_layer, scenes)
+  x, objs = _object_features(feats, vision_cfg, scenes)
   n_tr = sum(len(s.objects) for s in scenes[:num_train])
   thirds = (0, 1, 2)
   targets = {attr: ([getattr(o, attr) for o in objs], classes)
@@ -471,6 +479,18 @@ def probe(vision, vision_cfg, feature_layer: int = -2, seed: int = 1234,
   p_tr = int((pairs < num_train).sum())
   out["relation"] = _ridge_accuracy(xp[:p_tr], y[:p_tr], xp[p_tr:], y[p_tr:], world.RELATIONS)
   chance["relation"] = max(y[p_tr:].count(c) for c in world.RELATIONS) / (len(y) - p_tr)
+  # Per patch: what an attention query over the image tokens can select by. Every patch
+  # within an object's bounding circle, with that object's classes (`patch_labels`).
+  labels = patch_labels(scenes, vision_cfg)
+  xf = feats.reshape(len(scenes), -1, feats.shape[-1])
+  for k, (attr, classes) in enumerate(PROBED.items()):
+    y = labels[..., k]
+    tr, te = (np.nonzero(y[part] < len(classes)) for part in (
+        slice(None, num_train), slice(num_train, None)))
+    y_tr, y_te = y[:num_train][tr], y[num_train:][te]
+    out[f"patch_{attr}"] = _ridge_accuracy(xf[:num_train][tr], y_tr, xf[num_train:][te],
+                                           y_te, range(len(classes)))
+    chance[f"patch_{attr}"] = float(np.bincount(y_te).max() / len(y_te))
   return {**out, "chance": chance}
 
 
