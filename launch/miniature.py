@@ -88,8 +88,8 @@ SHARED = ("data", "vision", "pretrain", "finetune")  # linked into every seed's 
 # 120-step stage 0 barely connects the LLM to the image (1,000 steps do). The teacher,
 # trained once for every seed, gets 3,000 caption steps (its captions kept improving up to
 # there, docs/RESULTS.md 7., T2 and T3) and 5,000 instruction steps: after 3,000 it
-# answered questions about its own training images 68 % of the time (colour 0.67, exist
-# 0.50, relation 0.43; `train_vqa`, docs/RESULTS.md 12.), so it had not learnt them yet.
+# answered questions about its own training images 69 % of the time (colour 0.62, exist
+# 0.50, relation 0.48; `train_vqa`, docs/RESULTS.md 12.): it had not learnt them yet.
 TOWER_STEPS = 6000    # the shared frozen SigLIP (vision_pretrain.steps)
 # Images in the world's training export (data.synthetic_train; the tiny preset's 4,000):
 # the teacher's 3,000 instruction steps memorize 4,000 images (training loss 0.05 while its
@@ -342,8 +342,8 @@ def train_vqa(model_dir: str, data: str, n: int, batch_size: int) -> dict:
     rec = text.train_vqa_item(len(items), world.Scene.from_json(scenes[image]), image, 0, pool)
     if rec is not None:
       items.append({"id": rec["question_id"], "image": os.path.join(data, image),
-                    "prompt": rec["text"],
-                    "answer": rec["answer"], "category": rec["category"]})
+                    "prompt": rec["text"], "answer": rec["answer"],
+                    "category": rec["category"]})
     if len(items) == n:
       break
   model = eval_run.load_model(model_dir, data_dir=data)
