@@ -454,8 +454,8 @@ def probe(vision, vision_cfg, feature_layer: int = -2, seed: int = 1234,
   (`world.primary_relation`) from their two features side by side (scenes with 2+
   objects); and "patch_shape", "patch_color", "patch_size", the class of the object under
   each single patch from that patch's feature (every patch inside an object's bounding
-  circle): what an attention query can pick image tokens by. Returns {probe: accuracy, "chance": {probe: the test share of its most
-  frequent class}}.
+  circle): what an attention query can pick image tokens by. Returns {probe: accuracy,
+  "chance": {probe: the test share of its most frequent class}}.
   """
   vision_cfg = siglip.get_config(vision_cfg)
   scenes = [world.sample_scene(np.random.default_rng([seed, 99, i]))
