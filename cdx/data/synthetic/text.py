@@ -7,7 +7,9 @@ return records plus the scenes to render, keyed by image path; `export.py` write
 Training records (LLaVA json):
   {"id": str, "image": "images/<split>/000123.png",
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
-  - pretrain: one turn, human value "<image>", answer = a caption of the whole scene.
+  - pretrain: one turn, human value "<image>", answer = a caption of the whole scene, in
+    the caption language (`scene_caption`) or, half of the time, shape first
+    (`shape_first_caption`).
   - instruct: 2-6 turns (as many as fit `RECORD_CHARS`) of recognition / relation Q&A
     (short answers carry the VQA suffix), "describe" requests, the evaluation's two-choice
     and yes/no questions (`FORMATS`, about caption pairs from contrast.py: seen pairs,
@@ -109,6 +111,19 @@ def scene_caption(scene: world.Scene, rng: np.random.Generator) -> grammar.Capti
   items = [Rel(full_np(a), world.primary_relation(a, b), full_np(b))]
   items += [full_np(scene.objects[k]) for k in order[2:]]
   return tuple(items)
+
+
+def shape_first_caption(scene: world.Scene, rng: np.random.Generator) -> str:
+  """Every object in turn, its shape named before its size and colour: "There is a cross.
+  It is small and green. There is a circle. It is large and red."
+
+  The caption language puts the shape last ("a small green cross"), so captions never ask
+  for an object's attributes given its shape; questions do ("What color is the cross?"),
+  and a teacher trained on them alone answered with another object's colour
+  (docs/RESULTS.md 12.). Only words of the caption language and its questions are used.
+  """
+  return " ".join(f"There is {NP(o.shape).indefinite()}. It is {o.size} and {o.color}."
+                  for o in (scene.objects[k] for k in rng.permutation(len(scene.objects))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,6 +274,8 @@ def pretrain_record(index: int, seed: int, pool: Pool) -> tuple[dict, world.Scen
   scene = pool.scene(rng)
   image = f"images/pretrain/{index:06d}.png"
   caption = grammar.text(scene_caption(scene, rng))
+  if rng.integers(2):  # drawn after the caption: the other half keep theirs
+    caption = shape_first_caption(scene, rng)
   conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
   return {"id": f"pretrain-{index:06d}", "image": image, "conversations": conv}, scene
 
@@ -527,6 +544,7 @@ def corpus() -> Iterator[str]:
   for _ in range(200):  # whole-scene captions, with commas and "and"
     scene = world.sample_scene(rng)
     yield _cap(grammar.text(scene_caption(scene, rng))) + "."
+    yield shape_first_caption(scene, rng)
   yield "<image>\n" + VQA_SUFFIX.strip()
   # Evaluation prompts of docs/METHOD.md §9.
   yield prompts.sugarcrepe_question("a red circle", "a blue square")
