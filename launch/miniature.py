@@ -25,8 +25,8 @@ Layout: DIR/teacher/ holds the world (data/), the pretrained vision tower (visio
 teacher chain, trained once with the config's seed; DIR/seed<S>/ holds one seed's student
 stages (`--config.seed=S`: init, data order, dropout-free noise; the world's seed is
 data.world_seed, unchanged) with links to the shared folders. Everything is resumable:
-finished stages (DONE) and scored models (miniature_eval.json) are reused; DIR/recipe.json
-keeps the steps and widths, and a run with others refuses the folder.
+finished stages (DONE) and scores (miniature_eval*.json, the gate's too) are reused;
+DIR/recipe.json keeps the steps and widths, and a run with others refuses the folder.
 
 The GATE runs before any student row but the first seed's SFT student: the teacher's seen
 VQA >= 0.85, its VQA on images >= 0.4 above its VQA on grey images (the blind row), and its
@@ -217,28 +217,44 @@ def train(stage: str, workdir: str, common: list[str]) -> str:
 
 # ------------------------------------------------------------------------------ scoring
 
+def cached(path: str, settings: dict, compute) -> dict:
+  """compute() (a dict) with "settings" added, kept in `path`: a later call with the same
+  settings reads it back, so a resumed run never scores the same model twice."""
+  if os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("settings") == settings:
+      return old
+  t0 = time.time()
+  out = {"settings": settings, **compute()}
+  out["seconds"] = round(time.time() - t0, 1)
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f)
+  os.replace(path + ".tmp", path)
+  return out
+
+
 def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit: int,
              batch_size: int, generate: bool = True) -> dict:
   """CR by likelihood (per-item scores) and the generative check of one model on the eval
   sets of `data`; cached in model_dir/miniature_eval.json (miniature_eval_blind.json for a
   grey-image copy, a folder ending in _blind)."""
-  from cdx.eval import benchmarks, protocols
-  from cdx.eval import run as eval_run
   settings = {"data": os.path.abspath(data), "cr_limit": cr_limit, "gen_limit": gen_limit,
               "generate": generate, "headline": "caption"}
   name = "miniature_eval_blind.json" if data.rstrip("/").endswith("_blind") else (
       "miniature_eval.json")
-  cache = os.path.join(model_dir, name)
-  if os.path.isfile(cache):
-    with open(cache) as f:
-      old = json.load(f)
-    if old.get("settings") == settings:
-      return old
-  t0 = time.time()
+  return cached(os.path.join(model_dir, name), settings,
+                lambda: _evaluate(model_dir, data, tokenizer, cr_limit, gen_limit,
+                                  batch_size, generate))
+
+
+def _evaluate(model_dir, data, tokenizer, cr_limit, gen_limit, batch_size, generate):
+  from cdx.eval import benchmarks, protocols
+  from cdx.eval import run as eval_run
   model = eval_run.load_model(model_dir, tokenizer=tokenizer)
   logprob = eval_run.make_logprob(model, batch_size)
   tasks = protocols.tasks("synthetic_sugarcrepe")
-  out = {"settings": settings, "cr": {}, "items": {}, "cr_option": {}, "items_option": {}}
+  out = {"cr": {}, "items": {}, "cr_option": {}, "items_option": {}}
   for split, sub in eval_run.SPLITS.items():
     sets = benchmarks.read_synthetic(os.path.join(data, sub), root=data)
     items = [it for subset in sorted(sets["sugarcrepe"])
@@ -266,10 +282,6 @@ def evaluate(model_dir: str, data: str, tokenizer: str, cr_limit: int, gen_limit
           "by_order": sc["by_order"], "vqa": g[split]["vqa"]["accuracy"],
           "vqa_by_category": g["details"][split]["vqa"]["by_category"],
           "winoground_group": g[split].get("winoground", {}).get("group")}
-  out["seconds"] = round(time.time() - t0, 1)
-  with open(cache + ".tmp", "w") as f:
-    json.dump(out, f)
-  os.replace(cache + ".tmp", cache)
   return out
 
 
@@ -282,6 +294,17 @@ def check_gate(teacher: dict, blind: dict, sft: dict) -> dict:
   failed = [f"{k} = {v:.3f} < {GATE[k]}" for k, v in checks.items() if not v >= GATE[k]]
   return {"checks": checks, "thresholds": GATE, "passed": not failed, "failed": failed,
           "teacher_vqa_types": teacher["generate"]["seen"].get("vqa_by_category")}
+
+
+def teacher_diagnostics(model_dir: str, data: str, n_grounding: int, n_vqa: int,
+                        batch_size: int) -> dict:
+  """The gate's report on the teacher beside its checks: `grounding` and `train_vqa`,
+  cached in model_dir/miniature_eval_gate.json."""
+  settings = {"data": os.path.abspath(data), "grounding": n_grounding, "train_vqa": n_vqa}
+  out = cached(os.path.join(model_dir, "miniature_eval_gate.json"), settings, lambda: {
+      "teacher_grounding": grounding(model_dir, data, n_grounding),
+      "teacher_train_vqa": train_vqa(model_dir, data, n_vqa, batch_size)})
+  return {k: out[k] for k in ("teacher_grounding", "teacher_train_vqa")}
 
 
 def grounding(model_dir: str, data: str, n: int) -> dict:
@@ -502,10 +525,9 @@ def main(argv=None) -> int:
   sft0 = score(train(ROWS["sft"], main_dir,
                      common + plain_seed(seeds[0]) + student(ROWS["sft"])))
   gate = check_gate(teacher, blind, sft0)
-  gate["teacher_grounding"] = grounding(os.path.join(teacher_dir, "finetune"), data,
-                                        16 if args.quick else 256)
-  gate["teacher_train_vqa"] = train_vqa(os.path.join(teacher_dir, "finetune"), data,
-                                        14 if args.quick else 350, args.batch_size)
+  gate.update(teacher_diagnostics(os.path.join(teacher_dir, "finetune"), data,
+                                  16 if args.quick else 256, 14 if args.quick else 350,
+                                  args.batch_size))
   meta = {"command": "python launch/miniature.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),
           "quick": args.quick, "seeds": seeds, "rows": rows, "cr_limit": cr_limit,

@@ -227,9 +227,11 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   for stage in ("finetune_student", "sft_kd", "sft_novat", "sft_vat", "sft"):  # Trained here.
     assert json.load(open(work / f"seed{seed}" / stage / "DONE"))["steps"] == 2, stage
 
-  # Resumable: a second run retrains and rescores nothing it has; a new seed gets its own
-  # student folders, and the world and the teacher are shared.
+  # Resumable: a second run retrains and rescores nothing it has (the gate's report on the
+  # teacher included); a new seed gets its own student folders, and the world and the
+  # teacher are shared.
   before = _finished(work)
+  assert str(work / "teacher" / "finetune" / "miniature_eval_gate.json") in before
   again, result = _miniature(work, tmp_path_factory, f"--seeds={seed},1", "--rows=teacher,sft")
   assert "already finished" in again.stdout
   after = _finished(work)
@@ -307,8 +309,8 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
   monkeypatch.setattr(miniature, "attention_share", lambda *a: {"share": 0.2})
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: {"passed": True, "checks": {}})
-  monkeypatch.setattr(miniature, "grounding", lambda *a: {})
-  monkeypatch.setattr(miniature, "train_vqa", lambda *a: {"accuracy": 0.5})
+  monkeypatch.setattr(miniature, "teacher_diagnostics", lambda *a: {
+      "teacher_grounding": {}, "teacher_train_vqa": {"accuracy": 0.5}})
   from cdx.eval import baselines
   monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
@@ -378,8 +380,8 @@ def test_failed_gate_stops_before_the_rows_unless_ignored(tmp_path, monkeypatch,
   monkeypatch.setattr(miniature, "train", train)
   monkeypatch.setattr(miniature, "evaluate", lambda *a, **k: {"cr": {}})
   monkeypatch.setattr(miniature, "check_gate", lambda *a: dict(failed))
-  monkeypatch.setattr(miniature, "grounding", lambda *a: {})
-  monkeypatch.setattr(miniature, "train_vqa", lambda *a: {"accuracy": 0.5})
+  monkeypatch.setattr(miniature, "teacher_diagnostics", lambda *a: {
+      "teacher_grounding": {}, "teacher_train_vqa": {"accuracy": 0.5}})
   from cdx.eval import baselines
   monkeypatch.setattr(baselines, "blind_export", lambda d, out: out)
   monkeypatch.setattr(baselines, "synthetic_text_baselines", lambda d: {})
