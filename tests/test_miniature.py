@@ -70,7 +70,7 @@ def _fake_eval(items: dict, vqa: float) -> dict:
 
 def test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure():
   """launch/miniature.py's statistics over two student seeds (the end-to-end --quick test
-  below scores only the SFT row with a second seed)."""
+  below scores one)."""
   from launch import miniature
   keys = [f"{s}/att/{i}" for s in ("seen", "heldout") for i in range(40)]
   rng = np.random.default_rng(0)
@@ -192,9 +192,9 @@ def _finished(work) -> dict:
 def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
   """--quick: every row trains (2 steps) and is scored; the JSON, table and plots exist.
   Checks the pipeline, not the result. The stages the shared tiny chain already trained
-  are taken from it; every row with one student seed, then a second seed of the SFT row
-  on the same workdir, which reuses everything the first run made. (The statistics over
-  several seeds of every row: test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure.)
+  are taken from it; every row with one student seed, then a second run on the same
+  workdir, which reuses everything the first made. (The statistics over several seeds of
+  every row: test_summarize_over_seeds_pairs_items_and_gives_the_gap_closure.)
   """
   from launch import miniature
   work = tmp_path / "mini"
@@ -228,22 +228,15 @@ def test_quick_miniature_runs_every_row(tmp_path_factory, tmp_path):
     assert json.load(open(work / f"seed{seed}" / stage / "DONE"))["steps"] == 2, stage
 
   # Resumable: a second run retrains and rescores nothing it has (the gate's report on the
-  # teacher included); a new seed gets its own student folders, and the world and the
-  # teacher are shared.
+  # teacher included). (A new seed's own folders and seed: the stubbed full run below.)
   before = _finished(work)
   assert str(work / "teacher" / "finetune" / "miniature_eval_gate.json") in before
-  again, result = _miniature(work, tmp_path_factory, f"--seeds={seed},1", "--rows=teacher,sft")
+  again, result = _miniature(work, tmp_path_factory, f"--seeds={seed}", "--rows=teacher,sft")
   assert "already finished" in again.stdout
-  after = _finished(work)
-  assert {k: after[k] for k in before} == before
-  assert any(f"{os.sep}seed1{os.sep}" in k for k in set(after) - set(before))
-  rows = result["summary"]["rows"]
-  assert set(rows) == {"teacher", "sft"}
-  assert rows["sft"]["seeds"] == 2 and rows["teacher"]["seeds"] == 1
-  per_seed = [json.load(open(work / f"seed{s}" / "finetune_student" / "config.json"))["seed"]
-              for s in (seed, 1)]
-  assert per_seed == [seed, 1]
-  assert os.path.realpath(work / "seed1" / "finetune") == str(work / "teacher" / "finetune")
+  assert _finished(work) == before
+  assert set(result["summary"]["rows"]) == {"teacher", "sft"}
+  assert json.load(open(work / f"seed{seed}" / "finetune_student" / "config.json"))[
+      "seed"] == seed
 
 
 # ------------------------------------------------------------- the tiny preset's tower
@@ -321,6 +314,11 @@ def test_full_run_gives_the_tower_stage0_and_teacher_their_steps(tmp_path, monke
       ("vision_pretrain.steps", miniature.TOWER_STEPS),
       ("data.synthetic_train", miniature.WORLD_IMAGES))}
   assert all(shared <= set(args) for _, _, args in calls)
+  # Each seed's stages in its own folder with its seed; the world and teacher are links.
+  assert all({f"--config.seed={where[4:]}", f"--upstream.seed={where[4:]}"} <= set(args)
+             for _, where, args in calls if where != "teacher")
+  assert os.path.realpath(tmp_path / "seed1" / "finetune") == str(tmp_path / "teacher" /
+                                                                   "finetune")
   steps = [(stage, where, [a for a in args if a.startswith("--config.total_steps")])
            for stage, where, args in calls[:11]]
   flag = lambda n: [f"--config.total_steps={n}"]
