@@ -95,7 +95,7 @@ TOWER_STEPS = 6000    # the shared frozen SigLIP (vision_pretrain.steps)
 # the teacher's 3,000 instruction steps memorize 4,000 images (training loss 0.05 while its
 # VQA stops rising), and relations need many distinct scenes (docs/RESULTS.md 7.-8.).
 WORLD_IMAGES = 16000
-STAGE0_STEPS = 1000   # pretrain_student (captions), every seed
+STAGE0_STEPS = 1000   # pretrain_student, every seed; it leaves shapes unread (RESULTS.md 13.)
 TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
 # The wider teacher fits its captions better at a third of the tiny preset's stage-0 lr,
 # the student worse (docs/RESULTS.md 7., TL1 and SL1: each model measured at both).
@@ -558,14 +558,11 @@ def main(argv=None) -> int:
     for dpt in sorted({f for r in student_rows for f, kind in row_stages(r) if kind == "dpt"}):
       train(dpt, seed_dir(s), common + seed_args(s) + student(dpt))
   if "compodistill" in rows:  # The attention term's share of the gradient at DFT start.
-    cache = os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json")
-    if not os.path.isfile(cache):
-      share = attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]) + attn,
-                              args.share_batches)
-      with open(cache, "w") as f:
-        json.dump(share, f)
-    with open(cache) as f:
-      meta["attention_share"] = json.load(f)
+    meta["attention_share"] = cached(
+        os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json"),
+        {"args": common + seed_args(seeds[0]) + attn, "batches": args.share_batches},
+        lambda: attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]) + attn,
+                                args.share_batches))
     print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
 
   evals = {"teacher": [teacher]}
