@@ -95,7 +95,7 @@ TOWER_STEPS = 6000    # the shared frozen SigLIP (vision_pretrain.steps)
 # the teacher's 3,000 instruction steps memorize 4,000 images (training loss 0.05 while its
 # VQA stops rising), and relations need many distinct scenes (docs/RESULTS.md 7.-8.).
 WORLD_IMAGES = 16000
-STAGE0_STEPS = 1000   # pretrain_student, every seed; it leaves shapes unread (RESULTS.md 13.)
+STAGE0_STEPS = 3000   # pretrain_student, every seed; 1,000 left shapes unread (RESULTS 13.-14.)
 TEACHER_STAGE0_STEPS = 3000  # the teacher's pretrain (captions)
 # The wider teacher fits its captions better at a third of the tiny preset's stage-0 lr,
 # the student worse (docs/RESULTS.md 7., TL1 and SL1: each model measured at both).
