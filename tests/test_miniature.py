@@ -419,3 +419,16 @@ def test_recipe_student_width_gives_valid_student_configs():
   width = miniature.STUDENT_TEXT["hidden_size"]
   assert shapes["llm"]["embed"]["embedding"].shape == (cfg.model.text.vocab_size, width)
   assert shapes["adapter"]["fc2"]["kernel"].shape[-1] == width  # The adapter follows.
+
+
+def test_cached_reuses_same_settings_and_recomputes_changed_ones(tmp_path):
+  """The scores, the gate's report and the attention share are kept by cached(): a rerun
+  with the same settings must not recompute, one with other settings (e.g. another
+  attention weight) must not read the stale result."""
+  path, calls = str(tmp_path / "share.json"), []
+  compute = lambda v: lambda: calls.append(v) or {"share": v}
+  assert miniature.cached(path, {"attn": 15.0}, compute(0.2))["share"] == 0.2
+  assert miniature.cached(path, {"attn": 15.0}, compute(0.9))["share"] == 0.2
+  assert miniature.cached(path, {"attn": 1.0}, compute(0.01))["share"] == 0.01
+  assert calls == [0.2, 0.01]
+  assert json.load(open(path))["settings"] == {"attn": 1.0}
