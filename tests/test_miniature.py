@@ -425,6 +425,7 @@ def test_cached_reuses_same_settings_and_recomputes_changed_ones(tmp_path):
   """The scores, the gate's report and the attention share are kept by cached(): a rerun
   with the same settings must not recompute, one with other settings (e.g. another
   attention weight) must not read the stale result."""
+  from launch import miniature
   path, calls = str(tmp_path / "share.json"), []
   compute = lambda v: lambda: calls.append(v) or {"share": v}
   assert miniature.cached(path, {"attn": 15.0}, compute(0.2))["share"] == 0.2
