@@ -558,11 +558,11 @@ def main(argv=None) -> int:
     for dpt in sorted({f for r in student_rows for f, kind in row_stages(r) if kind == "dpt"}):
       train(dpt, seed_dir(s), common + seed_args(s) + student(dpt))
   if "compodistill" in rows:  # The attention term's share of the gradient at DFT start.
+    share_args = common + seed_args(seeds[0]) + attn
     meta["attention_share"] = cached(
         os.path.join(seed_dir(seeds[0]), "dpt", "attention_share.json"),
-        {"args": common + seed_args(seeds[0]) + attn, "batches": args.share_batches},
-        lambda: attention_share(seed_dir(seeds[0]), common + seed_args(seeds[0]) + attn,
-                                args.share_batches))
+        {"args": share_args, "batches": args.share_batches},
+        lambda: attention_share(seed_dir(seeds[0]), share_args, args.share_batches))
     print(f"[miniature] attention share: {meta['attention_share']['share']:.3f}", flush=True)
 
   evals = {"teacher": [teacher]}
